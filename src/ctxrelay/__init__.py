@@ -1,0 +1,47 @@
+"""ctxrelay: make a request's context follow the work, wherever it goes.
+
+The core API.  Integrations live in ``ctxrelay.integrations.<name>`` and are
+never imported from here.
+"""
+
+from __future__ import annotations
+
+from ._context import Context, bind, current, get, request, request_id, use
+from ._instrument import instrument, instrumented, uninstrument
+from ._policy import Policy, configure
+from ._relay import (
+    ContextExecutor,
+    ProcessPoolExecutor,
+    Thread,
+    ThreadPoolExecutor,
+    Timer,
+    run_async,
+    wrap,
+)
+from ._request import Headers, RequestSnapshot
+
+__all__ = [
+    "Context",
+    "ContextExecutor",
+    "Headers",
+    "Policy",
+    "ProcessPoolExecutor",
+    "RequestSnapshot",
+    "Thread",
+    "ThreadPoolExecutor",
+    "Timer",
+    "bind",
+    "configure",
+    "current",
+    "get",
+    "instrument",
+    "instrumented",
+    "request",
+    "request_id",
+    "run_async",
+    "uninstrument",
+    "use",
+    "wrap",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,314 @@
+"""The immutable ``Context`` value and the one ``ContextVar`` that holds it.
+
+Everything ctxrelay relays for a request lives in a single immutable value, so
+reading it is one ``ContextVar.get()`` and handing it to other work is passing
+a reference: nobody can mutate what another task sees (the hole in
+starlette-context, whose per-request dict is shared by reference).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+from ._policy import MASK, active
+from ._request import RequestSnapshot
+
+__all__ = [
+    "EMPTY",
+    "MAX_NAME_LENGTH",
+    "MAX_VALUE_BYTES",
+    "REQUEST_ID",
+    "Context",
+    "bind",
+    "current",
+    "get",
+    "request",
+    "request_id",
+    "sanitize",
+    "use",
+    "validate_field",
+]
+
+_log = logging.getLogger("ctxrelay")
+
+#: The field under which the request id is kept.
+REQUEST_ID = "request_id"
+
+#: Field names: 1-64 characters of ``A-Z a-z 0-9 _ . -``, starting with a
+#: letter or digit.  The alphabet is a subset of the HTTP token and W3C baggage
+#: key alphabets, so every name can travel as a header or baggage key as is.
+MAX_NAME_LENGTH = 64
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
+
+#: Field values: at most 4096 bytes of UTF-8 (the W3C baggage per-member
+#: figure OpenTelemetry enforces), and no control character but horizontal
+#: tab.  CR, LF and NUL in particular would let a value split a header.
+MAX_VALUE_BYTES = 4096
+_BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+_T = TypeVar("_T")
+
+
+def validate_field(name: object, value: object) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the field if it is not valid."""
+    if not isinstance(name, str):
+        raise TypeError(f"context field names are str, got {type(name).__name__}: {name!r}")
+    if not _NAME.match(name):
+        raise ValueError(
+            f"invalid context field name {name!r}: use 1-{MAX_NAME_LENGTH} characters "
+            "of A-Z a-z 0-9 _ . - starting with a letter or digit"
+        )
+    if not isinstance(value, str):
+        raise TypeError(f"context field {name!r} must be a str, got {type(value).__name__}")
+    # len() is characters; only values that could exceed the cap pay for encoding.
+    if len(value) * 4 > MAX_VALUE_BYTES and len(value.encode("utf-8", "surrogatepass")) > (
+        MAX_VALUE_BYTES
+    ):
+        raise ValueError(f"context field {name!r} is longer than {MAX_VALUE_BYTES} bytes")
+    if _BAD_VALUE_CHAR.search(value):
+        raise ValueError(
+            f"context field {name!r} contains a control character (CR, LF, NUL, ...), "
+            "which could split a header"
+        )
+
+
+def _validated(fields: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, str]:
+    items = fields.items() if isinstance(fields, Mapping) else fields
+    result: dict[str, str] = {}
+    for name, value in items:
+        validate_field(name, value)
+        result[name] = value
+    return result
+
+
+def sanitize(fields: Iterable[tuple[object, object]], *, source: str) -> dict[str, str]:
+    """Keep the valid fields of untrusted input, dropping the rest with a warning.
+
+    Used wherever fields arrive from outside this process (a pickled context
+    in a worker process, a message header): bad input never raises there.
+    """
+    result: dict[str, str] = {}
+    for name, value in fields:
+        try:
+            validate_field(name, value)
+        except (TypeError, ValueError) as exc:
+            _log.warning("ctxrelay: dropped a context field from %s: %s", source, exc)
+            continue
+        result[name] = value  # type: ignore[index,assignment]  # validated above
+    return result
+
+
+class Context(Mapping[str, str]):
+    """An immutable mapping of relayed fields, plus the request snapshot.
+
+    ``Context`` is a value: :meth:`set` and :meth:`remove` return a new one.
+    Two contexts are equal when their fields and request snapshots are; a
+    context compares equal to a plain mapping with the same fields.  Its
+    ``repr`` masks sensitive fields (``cookie``, ``authorization``, ...,
+    see :class:`ctxrelay.Policy`).  It pickles, and unpickling validates
+    every field again, dropping bad ones with a warning.
+    """
+
+    __slots__ = ("_fields", "_hash", "_request")
+
+    _fields: dict[str, str]
+    _request: RequestSnapshot | None
+    _hash: int | None
+
+    def __init__(
+        self, fields: Mapping[str, str] | Iterable[tuple[str, str]] = (), /, **more: str
+    ) -> None:
+        validated = _validated(fields)
+        if more:
+            validated.update(_validated(more))
+        self._fields = validated
+        self._request = None
+        self._hash = None
+
+    @classmethod
+    def _make(cls, fields: dict[str, str], request: RequestSnapshot | None) -> Context:
+        # Trusted, already-validated construction: no copy, no checks.
+        ctx = object.__new__(cls)
+        ctx._fields = fields
+        ctx._request = request
+        ctx._hash = None
+        return ctx
+
+    # -- Mapping -------------------------------------------------------------
+    def __getitem__(self, name: str) -> str:
+        return self._fields[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._fields
+
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+    @overload
+    def get(self, name: str, /, default: str | _T) -> str | _T: ...
+    def get(self, name: str, /, default: object = None) -> object:
+        return self._fields.get(name, default)
+
+    # -- value semantics -----------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Context):
+            return self._fields == other._fields and self._request == other._request
+        if isinstance(other, Mapping):
+            return self._fields == dict(other.items())
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash((frozenset(self._fields.items()), self._request))
+        return self._hash
+
+    def __repr__(self) -> str:
+        policy = active()
+        shown = {
+            name: MASK if policy.is_sensitive(name) else value
+            for name, value in self._fields.items()
+        }
+        if self._request is None:
+            return f"Context({shown!r})"
+        return f"Context({shown!r}, request={self._request!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unpickle, (dict(self._fields), self._request))
+
+    def __copy__(self) -> Context:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Context:
+        return self
+
+    # -- changes -------------------------------------------------------------
+    @property
+    def request(self) -> RequestSnapshot | None:
+        """The inbound request's snapshot, set by the web middleware."""
+        return self._request
+
+    def set(self, fields: Mapping[str, str] | None = None, /, **more: str) -> Context:
+        """A new context with ``fields`` (and keyword fields) added or replaced.
+
+        Names that are not valid Python identifiers (``x-gray``) go in the
+        positional mapping.  Raises ``TypeError``/``ValueError`` naming the
+        bad field.
+        """
+        new = dict(self._fields)
+        if fields:
+            new.update(_validated(fields))
+        if more:
+            new.update(_validated(more))
+        return Context._make(new, self._request)
+
+    def remove(self, *names: str) -> Context:
+        """A new context without ``names``; names not present are ignored."""
+        new = {name: value for name, value in self._fields.items() if name not in names}
+        return Context._make(new, self._request)
+
+    def with_request(self, request: RequestSnapshot | None) -> Context:
+        """A new context carrying ``request`` as its snapshot (or none)."""
+        if request is not None and not isinstance(request, RequestSnapshot):
+            raise TypeError(f"expected a RequestSnapshot, got {type(request).__name__}")
+        return Context._make(self._fields, request)
+
+
+def _unpickle(fields: dict[object, object], request: object) -> Context:
+    # Validated on arrival: a pickle from another process is input, too.
+    clean = sanitize(fields.items(), source="a pickled Context")
+    if request is not None and not isinstance(request, RequestSnapshot):
+        _log.warning("ctxrelay: dropped a request snapshot of type %s", type(request).__name__)
+        request = None
+    return Context._make(clean, request)
+
+
+EMPTY = Context()
+
+_CURRENT: ContextVar[Context] = ContextVar("ctxrelay.context", default=EMPTY)
+
+
+def current() -> Context:
+    """The context bound here; an empty ``Context`` when none is."""
+    return _CURRENT.get()
+
+
+def get(name: str, default: str | None = None) -> str | None:
+    """One field of :func:`current`, or ``default``."""
+    return _CURRENT.get()._fields.get(name, default)
+
+
+def request_id() -> str | None:
+    """The current request id, or ``None`` outside a request."""
+    return _CURRENT.get()._fields.get(REQUEST_ID)
+
+
+def request() -> RequestSnapshot | None:
+    """The current request's snapshot, or ``None`` outside a request."""
+    return _CURRENT.get()._request
+
+
+class _Scope:
+    """Binds a context for a ``with`` block and resets it by token on exit.
+
+    The reset is by token, never by setting an "empty" value, so nested and
+    interleaved scopes restore exactly what was there (asgi-correlation-id
+    #100 broke Celery autoretry logging by doing ``set(None)``).
+    """
+
+    __slots__ = ("_fields", "_target", "_token")
+
+    def __init__(self, target: Context | None, fields: dict[str, str] | None) -> None:
+        self._target = target
+        self._fields = fields
+        self._token: Token[Context] | None = None
+
+    def __enter__(self) -> Context:
+        if self._token is not None:
+            raise RuntimeError("this ctxrelay scope is already entered; call bind()/use() again")
+        ctx = self._target
+        if ctx is None:
+            base = _CURRENT.get()
+            new = dict(base._fields)
+            new.update(self._fields or ())
+            ctx = Context._make(new, base._request)
+        self._token = _CURRENT.set(ctx)
+        return ctx
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            _CURRENT.reset(token)
+
+
+def bind(fields: Mapping[str, str] | None = None, /, **more: str) -> _Scope:
+    """Context manager: ``fields`` are bound inside the block.
+
+    The fields are validated here, so a bad one raises at the call site.  On
+    exit the previous context is restored, whatever happened in the block.
+    """
+    validated = _validated(fields) if fields else {}
+    if more:
+        validated.update(_validated(more))
+    return _Scope(None, validated)
+
+
+def use(ctx: Context) -> _Scope:
+    """Context manager: make ``ctx`` (from :func:`extract`, a message, ...) current."""
+    if not isinstance(ctx, Context):
+        raise TypeError(f"use() takes a ctxrelay.Context, not {type(ctx).__name__}")
+    return _Scope(ctx, None)

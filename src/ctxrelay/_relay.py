@@ -1,0 +1,436 @@
+"""Capture -> replay -> restore, in process: wrappers, executors, threads.
+
+The protocol (Alibaba TTL's ``Transmitter.capture/replay/restore``) maps onto
+``contextvars`` directly:
+
+* **capture** is ``contextvars.copy_context()`` at hand-off time (``submit``,
+  ``map``, ``start``, the decorated call) -- never at thread creation, so a
+  pooled thread never keeps the context of whoever created it (seed 001);
+* **replay** is ``captured.run(task)``: the task sees exactly the captured
+  variables -- all of them, ours, OpenTelemetry's, structlog's -- and nothing
+  else, so values that were not captured cannot survive on a pooled thread
+  (Micrometer's ``clearMissing=false`` hole, micrometer-tracing #363);
+* **restore** is ``run`` returning: CPython puts the thread's previous context
+  back whatever the task did (returned, raised, was cancelled, ran on the
+  submitting thread itself).
+
+Each submission gets its own copy, because one ``contextvars.Context`` cannot
+be entered by two threads at once.  Across processes a ``Context`` object
+cannot be pickled, so process pools carry the ctxrelay ``Context`` (fields
+and request snapshot), validated again on arrival.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import contextvars
+import functools
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from ._context import _CURRENT, Context
+
+__all__ = [
+    "ContextExecutor",
+    "ProcessPoolExecutor",
+    "Thread",
+    "ThreadPoolExecutor",
+    "Timer",
+    "relayed_task",
+    "run_async",
+    "wrap",
+]
+
+_log = logging.getLogger("ctxrelay")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+_copy_context = contextvars.copy_context
+
+# Python 3.14 free-threaded builds copy the caller's context into every new
+# thread (sys.flags.thread_inherit_context): a pool worker would keep the
+# context of the request that happened to create it -- seed 001's stale
+# context.  Pool workers created by ctxrelay start from an empty context.
+THREADS_INHERIT_CONTEXT = bool(getattr(sys.flags, "thread_inherit_context", 0))
+
+
+class _Task(functools.partial[Any]):
+    """``partial(captured.run, fn)``: run ``fn`` inside one captured context.
+
+    A C-level ``partial`` keeps the per-task cost at the floor
+    (``copy_context().run``); the subclass marks a callable that is already
+    relayed, so a second layer (``instrument()`` under a ctxrelay executor)
+    passes it through instead of capturing again.
+    """
+
+    __slots__ = ()
+
+
+def _task(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if type(fn) is _Task:
+        return fn
+    return _Task(_copy_context().run, fn)
+
+
+class _ProcessTask:
+    """Carries the ctxrelay ``Context`` to another process and binds it there.
+
+    The task runs in a fresh copy of the worker's context, so nothing it sets
+    (ours or any other variable) survives into the next task the worker runs.
+    """
+
+    __slots__ = ("context", "fn")
+
+    def __init__(self, context: Context, fn: Callable[..., Any]) -> None:
+        self.context = context
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _copy_context().run(_bound_call, self.context, self.fn, args, kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ProcessTask, (self.context, self.fn))
+
+
+def _bound_call(
+    context: Context, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    # Inside a throw-away copy of the context: no token to reset.
+    if not isinstance(context, Context):  # a forged pickle; Context unpickling validates fields
+        _log.warning("ctxrelay: a process task arrived without a valid Context; running without")
+        context = Context()
+    _CURRENT.set(context)
+    return fn(*args, **kwargs)
+
+
+def relayed_task(executor: Executor, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Capture now; return ``fn`` wrapped to run in the capture on ``executor``.
+
+    Process pools get the ctxrelay ``Context`` (picklable); everything else
+    gets a copy of all context variables.
+    """
+    if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+        if isinstance(fn, _ProcessTask):
+            return fn
+        return _ProcessTask(_CURRENT.get(), fn)
+    return _task(fn)
+
+
+class _RelayFuture(Future[Any]):
+    """A ``Future`` whose done-callbacks run in the context current when added.
+
+    Futures from ``Executor.submit`` are plain ``Future`` objects; ctxrelay
+    re-labels them as this subclass (same layout, so ``isinstance`` holds).
+    """
+
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        super().add_done_callback(_task(fn))
+
+
+def relay_callbacks(future: Future[T]) -> Future[T]:
+    """Make ``future``'s done-callbacks run in the context current when added."""
+    if type(future) is Future:
+        future.__class__ = _RelayFuture
+    return future
+
+
+# -- wrap ---------------------------------------------------------------------
+def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+    """Capture the context now; every call of the result runs ``fn`` in it.
+
+    Each call runs in its own copy of the capture, so one wrapper can be
+    called from many threads at once, and one call's changes never reach the
+    next (flask #5252/#5396: ``copy_current_request_context`` fails when the
+    same wrapper runs in two pool threads).  The caller's context is restored
+    when the call ends, however it ends.  Wrapping a wrapped callable returns
+    it unchanged: the first capture stands.
+    """
+    if getattr(fn, "__ctxrelay_captured__", None) is not None:
+        return fn
+    captured = _copy_context()
+
+    @functools.wraps(fn)
+    def relayed(*args: P.args, **kwargs: P.kwargs) -> R:
+        return captured.copy().run(fn, *args, **kwargs)
+
+    relayed.__ctxrelay_captured__ = captured  # type: ignore[attr-defined]
+    return relayed
+
+
+# -- executors ----------------------------------------------------------------
+class ContextExecutor(Executor):
+    """Wrap any ``concurrent.futures.Executor`` so every task runs in the
+    context of its ``submit()``/``map()`` call.
+
+    Thread-based executors relay every context variable; a
+    ``ProcessPoolExecutor`` relays the ctxrelay ``Context``.  Shutting this
+    wrapper down shuts the wrapped executor down.
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        if not isinstance(executor, Executor):
+            raise TypeError(f"ContextExecutor wraps an Executor, not {type(executor).__name__}")
+        self.executor = executor
+        self._process = isinstance(executor, concurrent.futures.ProcessPoolExecutor)
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        task = relayed_task(self.executor, fn)
+        return relay_callbacks(self.executor.submit(task, *args, **kwargs))
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        if self._process:
+            # One capture for the whole call; the pool pickles it per chunk.
+            task = _ProcessTask(_CURRENT.get(), fn)
+            return self.executor.map(task, *iterables, timeout=timeout, chunksize=chunksize)
+        # Executor.map submits item by item through self.submit: each item
+        # gets its own copy of the capture (one Context can't run in two
+        # threads at once).
+        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def __repr__(self) -> str:
+        return f"ContextExecutor({self.executor!r})"
+
+
+class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Drop-in ``concurrent.futures.ThreadPoolExecutor`` that relays context.
+
+    Each ``submit()`` (and each item of ``map()``) captures the caller's
+    context; worker threads themselves never hold a request's context.
+    """
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        return relay_callbacks(super().submit(_task(fn), *args, **kwargs))
+
+    if THREADS_INHERIT_CONTEXT:  # pragma: no cover - free-threaded 3.14+ only
+
+        def _adjust_thread_count(self) -> None:
+            # Workers are created inside submit(): start them from an empty
+            # context, not a copy of the submitting request's.
+            contextvars.Context().run(super()._adjust_thread_count)
+
+
+class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
+    """Drop-in ``concurrent.futures.ProcessPoolExecutor`` that relays the
+    ctxrelay ``Context`` (fields and request snapshot).
+
+    Other context variables cannot cross a process boundary (a
+    ``contextvars.Context`` cannot be pickled); the fields are validated
+    again in the worker, and each task's binding ends with the task.
+    """
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        task = fn if isinstance(fn, _ProcessTask) else _ProcessTask(_CURRENT.get(), fn)
+        return relay_callbacks(super().submit(task, *args, **kwargs))
+
+
+# -- threads ------------------------------------------------------------------
+class _RelayedRun:
+    """Stands in for ``thread.run`` for one start: runs it in the capture."""
+
+    __slots__ = ("context", "run", "thread")
+
+    def __init__(
+        self, thread: threading.Thread, context: contextvars.Context, run: Callable[[], None]
+    ) -> None:
+        self.thread = thread
+        self.context = context
+        self.run = run
+
+    def __call__(self) -> None:
+        try:
+            self.context.run(self.run)
+        finally:
+            # Break the thread -> run -> thread cycle as soon as run ends.
+            self.thread.__dict__.pop("run", None)
+
+
+_POOL_WORKER = getattr(concurrent.futures.thread, "_worker", None)
+
+
+def prepare_start(thread: threading.Thread) -> None:
+    """Capture for ``thread.start()``: make its ``run`` execute in the capture.
+
+    Works for subclasses that override ``run`` (``Timer`` does), because the
+    bound ``run`` is taken from the instance.  A ``ThreadPoolExecutor``
+    worker gets an empty context instead: it serves many requests, and each
+    of its tasks brings its own.
+    """
+    if isinstance(thread.__dict__.get("run"), _RelayedRun):
+        return  # already prepared by an outer layer
+    if getattr(thread, "_target", None) is _POOL_WORKER:
+        context = contextvars.Context()
+    else:
+        context = _copy_context()
+    thread.__dict__["run"] = _RelayedRun(thread, context, thread.run)
+
+
+def _unprepare(thread: threading.Thread) -> None:
+    if isinstance(thread.__dict__.get("run"), _RelayedRun):
+        del thread.__dict__["run"]
+
+
+class Thread(threading.Thread):
+    """Drop-in ``threading.Thread`` that runs in the context of ``start()``."""
+
+    def start(self) -> None:
+        prepare_start(self)
+        try:
+            super().start()
+        except BaseException:
+            _unprepare(self)
+            raise
+
+
+class Timer(threading.Timer):
+    """Drop-in ``threading.Timer``: the function runs in the context of ``start()``."""
+
+    def start(self) -> None:
+        prepare_start(self)
+        try:
+            super().start()
+        except BaseException:
+            _unprepare(self)
+            raise
+
+
+# -- run_async ----------------------------------------------------------------
+class _AsyncFuture(_RelayFuture):
+    """The future of a ``run_async`` call: an exception that nobody retrieves
+    is logged, with the call's context, when the future is discarded."""
+
+    _ctxrelay_context: contextvars.Context | None = None
+    _ctxrelay_name = "?"
+    _ctxrelay_retrieved = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._ctxrelay_retrieved = True
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._ctxrelay_retrieved = True
+        return super().exception(timeout)
+
+    def __del__(self) -> None:
+        if self._ctxrelay_retrieved or not self.done() or self.cancelled():
+            return
+        exc = super().exception(0)
+        if exc is None or self._ctxrelay_context is None:
+            return
+        with contextlib.suppress(Exception):  # never raise from __del__
+            self._ctxrelay_context.run(_report_lost, self._ctxrelay_name, exc)
+
+
+def _report_lost(name: str, exc: BaseException) -> None:
+    _log.error(
+        "ctxrelay: @run_async task %s raised %s and nobody retrieved it; context: %r",
+        name,
+        type(exc).__name__,
+        _CURRENT.get(),
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+
+
+def _watch(inner: Future[Any], captured: contextvars.Context, name: str) -> Future[Any]:
+    if type(inner) in (Future, _RelayFuture):
+        inner.__class__ = _AsyncFuture
+        outer: _AsyncFuture = inner  # type: ignore[assignment]
+    else:
+        # A foreign Future subclass cannot be re-labelled: chain it instead.
+        outer = _AsyncFuture()
+        outer.set_running_or_notify_cancel()
+        inner.add_done_callback(functools.partial(_copy_outcome, outer))
+    outer._ctxrelay_context = captured
+    outer._ctxrelay_name = name
+    return outer
+
+
+def _copy_outcome(outer: Future[Any], inner: Future[Any]) -> None:
+    if inner.cancelled():
+        # A RUNNING future cannot be cancelled; report the cancellation instead.
+        outer.set_exception(concurrent.futures.CancelledError())
+        return
+    exc = inner.exception()
+    if exc is not None:
+        outer.set_exception(exc)
+    else:
+        outer.set_result(inner.result())
+
+
+_default_pool: ThreadPoolExecutor | None = None
+_default_pool_lock = threading.Lock()
+
+
+def default_executor() -> ThreadPoolExecutor:
+    """The shared pool ``@run_async`` uses when none is named (created lazily)."""
+    global _default_pool
+    if _default_pool is None:
+        with _default_pool_lock:
+            if _default_pool is None:
+                _default_pool = ThreadPoolExecutor(thread_name_prefix="ctxrelay-async")
+    return _default_pool
+
+
+class _AsyncCall(Generic[P, R]):
+    # A class rather than a closure so that the executor is looked up at call
+    # time (the default pool is created on first use, not at import).
+    def __init__(self, fn: Callable[P, R], executor: Executor | None) -> None:
+        functools.update_wrapper(self, fn)
+        self.__wrapped__ = fn
+        self._executor = executor
+        self._name = getattr(fn, "__qualname__", repr(fn))
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        executor = self._executor or default_executor()
+        captured = _copy_context()
+        if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+            task: Callable[..., Any] = _ProcessTask(_CURRENT.get(), self.__wrapped__)
+        else:
+            task = _Task(captured.run, self.__wrapped__)
+        return _watch(executor.submit(task, *args, **kwargs), captured, self._name)
+
+    def __get__(self, obj: object, objtype: type | None = None) -> Any:
+        # Decorating a method: bind like a function would.
+        return self if obj is None else functools.partial(self, obj)  # type: ignore[arg-type]
+
+
+@overload
+def run_async(fn: Callable[P, R], /) -> Callable[P, Future[R]]: ...
+@overload
+def run_async(
+    *, executor: Executor | None = None
+) -> Callable[[Callable[P, R]], Callable[P, Future[R]]]: ...
+def run_async(
+    fn: Callable[P, R] | None = None, /, *, executor: Executor | None = None
+) -> Callable[P, Future[R]] | Callable[[Callable[P, R]], Callable[P, Future[R]]]:
+    """Decorator, like Spring's ``@Async``: calling the function submits it.
+
+    The call returns a ``concurrent.futures.Future`` at once; the function
+    runs on ``executor`` (default: a shared ctxrelay ``ThreadPoolExecutor``)
+    in the caller's context.  If it raises and nobody ever calls
+    ``result()``/``exception()`` on the future, the error is logged on the
+    ``ctxrelay`` logger, inside the caller's context, when the future is
+    discarded -- never silently lost.
+    """
+    if executor is not None and not isinstance(executor, Executor):
+        raise TypeError(f"run_async(executor=...) takes an Executor, not {type(executor).__name__}")
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, Future[R]]:
+        return _AsyncCall(fn, executor)
+
+    return decorate if fn is None else decorate(fn)
