@@ -236,7 +236,11 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         task = fn if isinstance(fn, _ProcessTask) else _ProcessTask(_CURRENT.get(), fn)
-        return relay_callbacks(super().submit(task, *args, **kwargs))
+        # submit() may fork the worker processes; a forked child keeps the
+        # forking thread's context for its whole life -- seed 001's stale
+        # context, across processes.  Fork from an empty context instead.
+        submit = super().submit
+        return relay_callbacks(contextvars.Context().run(submit, task, *args, **kwargs))
 
 
 # -- threads ------------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""Each boundary of BRIEF.md's Python table: the bug without ctxrelay, fixed with it.
+
+The "without" tests document CPython's behaviour (3.10-3.13, non-free-threaded):
+if one of them starts failing, the standard library changed and the docs'
+table must be updated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import ctxrelay
+
+pytestmark = pytest.mark.skipif(
+    bool(getattr(sys.flags, "thread_inherit_context", 0)),
+    reason="free-threaded builds inherit context into new threads",
+)
+
+OTHER: contextvars.ContextVar[str] = contextvars.ContextVar("other_library", default="-")
+
+
+def seen() -> tuple[str | None, str]:
+    """What a task sees: our field, and another library's ContextVar."""
+    return ctxrelay.get("user"), OTHER.get()
+
+
+@contextlib.contextmanager
+def in_request() -> Iterator[None]:
+    # "Another library" sets its own variable in the same context, to show
+    # that every context variable travels in-process.
+    token = OTHER.set("other-value")
+    try:
+        with ctxrelay.bind(user="alice"):
+            yield
+    finally:
+        OTHER.reset(token)
+
+
+def run_thread(cls: type[threading.Thread]) -> tuple[str | None, str]:
+    box: list[tuple[str | None, str]] = []
+    t = cls(target=lambda: box.append(seen()))
+    t.start()
+    t.join()
+    return box[0]
+
+
+# -- asyncio copies the context by itself ----------------------------------------
+def test_asyncio_create_task_call_soon_and_to_thread_already_copy_the_context() -> None:
+    async def main() -> list[tuple[str | None, str]]:
+        with in_request():
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[tuple[str | None, str]] = loop.create_future()
+            loop.call_soon(lambda: fut.set_result(seen()))
+            return [
+                await asyncio.create_task(asyncio.sleep(0, seen())),
+                await fut,
+                await asyncio.to_thread(seen),
+            ]
+
+    assert asyncio.run(main()) == [("alice", "other-value")] * 3
+
+
+# -- threads ---------------------------------------------------------------------
+def test_plain_thread_loses_the_context() -> None:
+    with in_request():
+        assert run_thread(threading.Thread) == (None, "-")
+
+
+def test_ctxrelay_thread_carries_every_contextvar() -> None:
+    with in_request():
+        assert run_thread(ctxrelay.Thread) == ("alice", "other-value")
+
+
+def test_plain_timer_loses_the_context() -> None:
+    box: list[tuple[str | None, str]] = []
+    with in_request():
+        t = threading.Timer(0.01, lambda: box.append(seen()))
+        t.start()
+    t.join()
+    assert box == [(None, "-")]
+
+
+def test_ctxrelay_timer_carries_the_context_of_start() -> None:
+    box: list[tuple[str | None, str]] = []
+    t = ctxrelay.Timer(0.01, lambda: box.append(seen()))  # created outside any request
+    with in_request():
+        t.start()
+    t.join()
+    assert box == [("alice", "other-value")]
+
+
+# -- thread pools ----------------------------------------------------------------
+def test_plain_thread_pool_submit_and_map_lose_the_context() -> None:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool, in_request():
+        assert pool.submit(seen).result() == (None, "-")
+        assert list(pool.map(lambda _: seen(), range(3))) == [(None, "-")] * 3
+
+
+def test_ctxrelay_thread_pool_submit_and_map_carry_the_context() -> None:
+    with ctxrelay.ThreadPoolExecutor(2) as pool, in_request():
+        assert pool.submit(seen).result() == ("alice", "other-value")
+        assert list(pool.map(lambda _: seen(), range(3))) == [("alice", "other-value")] * 3
+
+
+def test_context_executor_wraps_any_executor() -> None:
+    with ctxrelay.ContextExecutor(concurrent.futures.ThreadPoolExecutor(2)) as pool:
+        with in_request():
+            assert pool.submit(seen).result() == ("alice", "other-value")
+            assert list(pool.map(lambda _: seen(), range(3))) == [("alice", "other-value")] * 3
+
+
+# -- run_in_executor ---------------------------------------------------------------
+def test_run_in_executor_loses_the_context() -> None:
+    async def main() -> tuple[str | None, str]:
+        with in_request():
+            return await asyncio.get_running_loop().run_in_executor(None, seen)
+
+    assert asyncio.run(main()) == (None, "-")
+
+
+def test_run_in_executor_carries_the_context_with_a_ctxrelay_pool_or_wrap() -> None:
+    async def main() -> list[tuple[str | None, str]]:
+        loop = asyncio.get_running_loop()
+        with ctxrelay.ThreadPoolExecutor(2) as pool, in_request():
+            return [
+                await loop.run_in_executor(pool, seen),
+                await loop.run_in_executor(None, ctxrelay.wrap(seen)),
+            ]
+
+    assert asyncio.run(main()) == [("alice", "other-value")] * 2
+
+
+def test_run_in_executor_carries_the_context_under_instrument() -> None:
+    async def main() -> list[tuple[str | None, str]]:
+        loop = asyncio.get_running_loop()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool, in_request():
+            return [
+                await loop.run_in_executor(None, seen),
+                await loop.run_in_executor(pool, seen),
+            ]
+
+    ctxrelay.instrument()
+    assert asyncio.run(main()) == [("alice", "other-value")] * 2
+
+
+# -- process pools ---------------------------------------------------------------
+def report() -> tuple[str | None, str | None, str | None]:
+    snapshot = ctxrelay.request()
+    return (
+        ctxrelay.get("user"),
+        ctxrelay.request_id(),
+        snapshot.headers.get("x-gray") if snapshot else None,
+    )
+
+
+SNAPSHOT = ctxrelay.RequestSnapshot(path="/order", headers=[("x-gray", "canary")])
+
+
+def test_plain_process_pool_loses_the_context_or_keeps_a_stale_one() -> None:
+    first = ctxrelay.Context(user="alice", request_id="r-1").with_request(SNAPSHOT)
+    with concurrent.futures.ProcessPoolExecutor(1) as pool:
+        with ctxrelay.use(first):
+            first_saw = pool.submit(report).result()
+        with ctxrelay.bind(user="bob", request_id="r-2"):
+            second_saw = pool.submit(report).result()
+    if concurrent.futures.process.mp.get_start_method() == "fork":
+        # The worker was forked inside the first request and keeps its
+        # context for life: every later task sees alice -- a leak.
+        assert first_saw == second_saw == ("alice", "r-1", "canary")
+    else:
+        assert first_saw == second_saw == (None, None, None)
+
+
+def test_ctxrelay_process_pool_forks_workers_without_the_submitters_context() -> None:
+    with ctxrelay.ProcessPoolExecutor(1) as pool:
+        with in_request(), ctxrelay.bind(request_id="r-1"):
+            assert pool.submit(report).result() == ("alice", "r-1", None)
+            # Fields travel; other variables can't, and none leaked in by fork.
+            assert pool.submit(other_value).result() == "-"
+        assert pool.submit(report).result() == (None, None, None)
+
+
+def other_value() -> str:
+    return OTHER.get()
+
+
+def test_ctxrelay_process_pool_carries_fields_and_request_snapshot() -> None:
+    ctx = ctxrelay.Context(user="alice", request_id="r-1").with_request(SNAPSHOT)
+    with ctxrelay.ProcessPoolExecutor(1) as pool:
+        with ctxrelay.use(ctx):
+            submitted = pool.submit(report)
+            mapped = pool.map(report_n, range(5), chunksize=2)
+            assert submitted.result() == ("alice", "r-1", "canary")
+            assert list(mapped) == [("alice", "r-1", "canary")] * 5
+        # The worker process ran the tasks above; its binding ended with them.
+        assert pool.submit(report).result() == (None, None, None)
+
+
+def test_context_executor_over_a_process_pool_relays_fields() -> None:
+    with ctxrelay.ContextExecutor(concurrent.futures.ProcessPoolExecutor(1)) as pool:
+        with ctxrelay.use(ctxrelay.Context(user="bob", request_id="r-2")):
+            assert pool.submit(report).result() == ("bob", "r-2", None)
+            assert list(pool.map(report_n, range(3), chunksize=2)) == [("bob", "r-2", None)] * 3
+
+
+def test_run_in_executor_with_a_process_pool_relays_fields_under_instrument() -> None:
+    async def main() -> tuple[str | None, str | None, str | None]:
+        with concurrent.futures.ProcessPoolExecutor(1) as pool:
+            with ctxrelay.bind(user="carol", request_id="r-3"):
+                return await asyncio.get_running_loop().run_in_executor(pool, report)
+
+    ctxrelay.instrument()
+    assert asyncio.run(main()) == ("carol", "r-3", None)
+
+
+def report_n(_: int) -> tuple[str | None, str | None, str | None]:
+    return report()
