@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import multiprocessing
 import sys
 import threading
 from collections.abc import Iterator
@@ -171,7 +172,7 @@ def test_plain_process_pool_loses_the_context_or_keeps_a_stale_one() -> None:
             first_saw = pool.submit(report).result()
         with ctxrelay.bind(user="bob", request_id="r-2"):
             second_saw = pool.submit(report).result()
-    if concurrent.futures.process.mp.get_start_method() == "fork":
+    if multiprocessing.get_start_method() == "fork":
         # The worker was forked inside the first request and keeps its
         # context for life: every later task sees alice -- a leak.
         assert first_saw == second_saw == ("alice", "r-1", "canary")

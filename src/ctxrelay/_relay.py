@@ -239,7 +239,7 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         # submit() may fork the worker processes; a forked child keeps the
         # forking thread's context for its whole life -- seed 001's stale
         # context, across processes.  Fork from an empty context instead.
-        submit = super().submit
+        submit: Callable[..., Future[T]] = super().submit
         return relay_callbacks(contextvars.Context().run(submit, task, *args, **kwargs))
 
 

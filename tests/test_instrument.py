@@ -1,0 +1,121 @@
+"""instrument(): unchanged code relays; idempotent, thread-safe, exactly undone."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+import pytest
+
+import ctxrelay
+from ctxrelay import _instrument
+
+ORIGINALS = {
+    (threading.Thread, "start"): threading.Thread.__dict__["start"],
+    (concurrent.futures.ThreadPoolExecutor, "submit"): (
+        concurrent.futures.ThreadPoolExecutor.__dict__["submit"]
+    ),
+    (asyncio.BaseEventLoop, "run_in_executor"): asyncio.BaseEventLoop.__dict__["run_in_executor"],
+}
+
+
+def current_attributes() -> dict[tuple[type, str], object]:
+    return {(owner, name): owner.__dict__[name] for owner, name in ORIGINALS}
+
+
+def confirm_order() -> dict[str, str | None]:
+    """Seed 000's order page, as a Python team writes it: no ctxrelay in sight."""
+    result: dict[str, str | None] = {}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        address = pool.submit(lambda: ctxrelay.get("user"))
+        cart = pool.submit(lambda: ctxrelay.get("user"))
+        result["address"], result["cart"] = address.result(), cart.result()
+    audit: list[str | None] = []
+    t = threading.Thread(target=lambda: audit.append(ctxrelay.get("user")))
+    t.start()
+    t.join()
+    result["audit"] = audit[0]
+    return result
+
+
+def test_unchanged_seed_code_loses_the_user_without_instrument() -> None:
+    with ctxrelay.bind(user="alice"):
+        assert confirm_order() == {"address": None, "cart": None, "audit": None}
+
+
+def test_unchanged_seed_code_relays_under_instrument() -> None:
+    ctxrelay.instrument()
+    with ctxrelay.bind(user="alice"):
+        assert confirm_order() == {"address": "alice", "cart": "alice", "audit": "alice"}
+
+
+def test_instrument_is_idempotent_and_uninstrument_restores_exactly() -> None:
+    assert not ctxrelay.instrumented()
+    ctxrelay.instrument()
+    patched = current_attributes()
+    assert all(patched[key] is not ORIGINALS[key] for key in ORIGINALS)
+    ctxrelay.instrument()
+    assert current_attributes() == patched  # no second layer
+    assert ctxrelay.instrumented()
+    ctxrelay.uninstrument()
+    assert all(current_attributes()[key] is ORIGINALS[key] for key in ORIGINALS)
+    ctxrelay.uninstrument()  # a second call is a no-op
+    assert not ctxrelay.instrumented()
+    with ctxrelay.bind(user="alice"):
+        assert confirm_order()["address"] is None
+
+
+def test_patched_functions_look_like_the_originals() -> None:
+    ctxrelay.instrument()
+    submit = concurrent.futures.ThreadPoolExecutor.submit
+    assert submit.__name__ == "submit"
+    assert submit.__wrapped__ is ORIGINALS[(concurrent.futures.ThreadPoolExecutor, "submit")]  # type: ignore[attr-defined]
+
+
+def test_instrument_from_many_threads_at_once_patches_once() -> None:
+    barrier = threading.Barrier(8)
+
+    def race() -> None:
+        barrier.wait(timeout=10)
+        ctxrelay.instrument()
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(_instrument._patches) == 3
+    submit = concurrent.futures.ThreadPoolExecutor.submit
+    assert submit.__wrapped__ is ORIGINALS[(concurrent.futures.ThreadPoolExecutor, "submit")]  # type: ignore[attr-defined]
+
+
+def test_uninstrument_leaves_a_patch_applied_over_ours(caplog: pytest.LogCaptureFixture) -> None:
+    ctxrelay.instrument()
+    ours = threading.Thread.__dict__["start"]
+
+    def theirs(self: threading.Thread) -> None:
+        ours(self)
+
+    threading.Thread.start = theirs  # type: ignore[method-assign]
+    try:
+        ctxrelay.uninstrument()
+        assert threading.Thread.__dict__["start"] is theirs
+        assert "patched again" in caplog.text
+        assert (
+            concurrent.futures.ThreadPoolExecutor.__dict__["submit"]
+            is ORIGINALS[(concurrent.futures.ThreadPoolExecutor, "submit")]
+        )
+    finally:
+        threading.Thread.start = ORIGINALS[(threading.Thread, "start")]  # type: ignore[method-assign]
+
+
+def test_drop_ins_under_instrument_capture_once_and_still_relay() -> None:
+    ctxrelay.instrument()
+    with ctxrelay.ThreadPoolExecutor(2) as pool, ctxrelay.bind(user="alice"):
+        assert pool.submit(lambda: ctxrelay.get("user")).result() == "alice"
+        box: list[str | None] = []
+        t = ctxrelay.Thread(target=lambda: box.append(ctxrelay.get("user")))
+        t.start()
+        t.join()
+        assert box == ["alice"]
