@@ -19,6 +19,7 @@ from ._relay import (
     wrap,
 )
 from ._request import Headers, RequestSnapshot
+from ._wire import extract, inject
 
 __all__ = [
     "Context",
@@ -33,7 +34,9 @@ __all__ = [
     "bind",
     "configure",
     "current",
+    "extract",
     "get",
+    "inject",
     "instrument",
     "instrumented",
     "request",

@@ -8,10 +8,14 @@ forwarding rules grow here too.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
+from urllib.parse import urlsplit
 
-__all__ = ["Policy", "active", "configure"]
+__all__ = ["Policy", "Route", "active", "configure"]
 
 #: Header and field names whose values are credentials.  They are masked in
 #: every ``repr`` and never leave the process unless a destination names them.
@@ -35,7 +39,118 @@ MASK = "***"
 
 
 def _lowered(names: Iterable[str]) -> frozenset[str]:
+    if isinstance(names, str):  # a bare "cookie" would become {"c", "o", ...}
+        names = (names,)
     return frozenset(name.lower() for name in names)
+
+
+#: Captured header names double as context field names, so they must be
+#: valid in both alphabets (see ``_context._NAME``).
+_HEADER_FIELD = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,63}\Z")
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Scheme, host and port of a destination: the unit redirects are judged by."""
+
+    scheme: str
+    host: str
+    port: int | None
+
+    @classmethod
+    def parse(cls, url: str) -> Origin | None:
+        """The origin of ``url``, or ``None`` when it has no host (or is malformed)."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            return None
+        host = (parts.hostname or "").rstrip(".")
+        if not host:
+            return None
+        scheme = parts.scheme.lower()
+        return cls(scheme, host, port if port is not None else _DEFAULT_PORTS.get(scheme))
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """``pattern`` is ``*`` (any host), ``*.suffix`` (any subdomain), a CIDR
+    network (``10.0.0.0/8``) or an exact host; all case-insensitive."""
+    host = host.lower().rstrip(".")
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    if "/" in pattern:
+        try:
+            network = ipaddress.ip_network(pattern, strict=False)
+            return ipaddress.ip_address(host.strip("[]")) in network
+        except ValueError:
+            return False
+    return host == pattern.strip("[]")
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one class of destinations receives from the outgoing context.
+
+    ``hosts``
+        Host patterns: exact (``orders.internal.example``, ``127.0.0.1``),
+        a wildcard for subdomains (``*.internal.example``: not the apex), a
+        CIDR network (``10.0.0.0/8``) or ``*`` for any host.
+    ``schemes`` / ``ports``
+        The schemes and ports it applies to; empty ``ports`` means any port.
+    ``baggage``
+        Whether relayed fields travel (as W3C ``baggage``).
+    ``headers``
+        Which captured inbound headers travel as themselves: ``"*"`` means
+        every captured header that is not sensitive.
+    ``sensitive``
+        Sensitive headers and fields (``cookie``, ``authorization``, ...) this
+        destination may receive.  They must be named one by one: ``"*"`` in
+        ``headers`` never lets a credential through.
+    ``request_id`` / ``trace``
+        Whether the request id header and ``traceparent``/``tracestate`` travel.
+    """
+
+    hosts: tuple[str, ...] = ("*",)
+    schemes: frozenset[str] = frozenset({"http", "https"})
+    ports: frozenset[int] = frozenset()
+    baggage: bool = True
+    headers: frozenset[str] = frozenset({"*"})
+    sensitive: frozenset[str] = frozenset()
+    request_id: bool = True
+    trace: bool = True
+
+    def __post_init__(self) -> None:
+        hosts = (self.hosts,) if isinstance(self.hosts, str) else tuple(self.hosts)
+        object.__setattr__(self, "hosts", tuple(h.lower().rstrip(".") for h in hosts))
+        object.__setattr__(self, "schemes", _lowered(self.schemes))
+        object.__setattr__(self, "ports", frozenset(self.ports))
+        object.__setattr__(self, "headers", _lowered(self.headers))
+        object.__setattr__(self, "sensitive", _lowered(self.sensitive))
+
+    def matches(self, origin: Origin) -> bool:
+        """True when this route applies to ``origin``."""
+        if origin.scheme not in self.schemes:
+            return False
+        if self.ports and origin.port not in self.ports:
+            return False
+        return any(host_matches(pattern, origin.host) for pattern in self.hosts)
+
+
+#: Destinations no route names: the request id and trace headers only.
+FOREIGN = Route(baggage=False, headers=frozenset())
+
+#: ``inject(destination=None)``: an in-house carrier such as a task-queue
+#: message.  Fields, request id, trace and captured non-sensitive headers;
+#: credentials only when configured (a broker stores messages on disk).
+IN_HOUSE = Route()
+
+
+# Policy.Route shadows the name inside the class body; annotate with this alias.
+_Route = Route
 
 
 @dataclass(frozen=True)
@@ -51,14 +166,82 @@ class Policy:
         :data:`SENSITIVE_FRAGMENTS`.
     ``request_id_header``
         The header that carries the request id, inbound and outbound.
+    ``capture``
+        Inbound headers kept for relay (``{"cookie", "x-gray"}``): each
+        becomes a context field named by the lowercased header name, and
+        travels out as that header again, where ``routes`` allow.
+    ``routes``
+        Outgoing destinations, first match wins (see :class:`Route`).
+    ``foreign``
+        What a destination that matches no route receives: by default the
+        request id and trace headers only.
+    ``in_house``
+        What ``inject(destination=None)`` writes (a task-queue message).
+    ``local``
+        Field names that never leave the process.
+    ``trusted_peers``
+        Peers (host patterns or CIDR networks, optionally ``:port``) whose
+        ``baggage`` fields are accepted inbound.  Empty: trust no one, as
+        an edge service should.
+    ``trust_in_house``
+        Whether ``extract(..., in_house=True)`` accepts baggage fields.
+    ``max_baggage_fields`` / ``max_baggage_bytes``
+        Limits on outgoing and incoming ``baggage`` (W3C: 64 / 8192 at least).
     """
+
+    #: ``ctxrelay.Policy.Route``: the route class, reachable from the public name.
+    Route: ClassVar[type[_Route]] = _Route
 
     sensitive: frozenset[str] = field(default_factory=frozenset)
     request_id_header: str = "x-request-id"
+    capture: frozenset[str] = frozenset()
+    routes: tuple[_Route, ...] = ()
+    foreign: _Route = FOREIGN
+    in_house: _Route = IN_HOUSE
+    local: frozenset[str] = frozenset()
+    trusted_peers: tuple[str, ...] = ()
+    trust_in_house: bool = True
+    max_baggage_fields: int = 64
+    max_baggage_bytes: int = 8192
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sensitive", _lowered(self.sensitive) | DEFAULT_SENSITIVE)
         object.__setattr__(self, "request_id_header", self.request_id_header.lower())
+        capture = _lowered(self.capture)
+        for name in capture:
+            if not _HEADER_FIELD.match(name):
+                raise ValueError(f"cannot capture header {name!r}: not a valid field name")
+        object.__setattr__(self, "capture", capture)
+        object.__setattr__(self, "local", frozenset(self.local))
+        routes = (self.routes,) if isinstance(self.routes, _Route) else tuple(self.routes)
+        object.__setattr__(self, "routes", routes)
+        peers = (self.trusted_peers,) if isinstance(self.trusted_peers, str) else self.trusted_peers
+        object.__setattr__(self, "trusted_peers", tuple(p.lower() for p in peers))
+
+    def route(self, destination: str | None) -> tuple[_Route, Origin | None]:
+        """The route for a destination URL (``None``: the in-house carrier)."""
+        if destination is None:
+            return self.in_house, None
+        origin = Origin.parse(destination)
+        if origin is None:
+            return self.foreign, None
+        for route in self.routes:
+            if route.matches(origin):
+                return route, origin
+        return self.foreign, origin
+
+    def trusts(self, peer: str | None) -> bool:
+        """True when baggage fields from ``peer`` (``host`` or ``host:port``) are accepted."""
+        if not peer or not self.trusted_peers:
+            return False
+        host, port = _split_peer(peer)
+        for pattern in self.trusted_peers:
+            want_host, want_port = _split_peer(pattern)
+            if want_port is not None and want_port != port:
+                continue
+            if host_matches(want_host, host):
+                return True
+        return False
 
     def is_sensitive(self, name: str) -> bool:
         """True when values under ``name`` must never be shown or sent freely."""
@@ -66,6 +249,18 @@ class Policy:
         if lowered in self.sensitive:
             return True
         return any(fragment in lowered for fragment in SENSITIVE_FRAGMENTS)
+
+
+def _split_peer(peer: str) -> tuple[str, str | None]:
+    # "10.0.0.1", "10.0.0.1:5000", "[::1]:5000", "::1", "10.0.0.0/8"
+    peer = peer.strip().lower()
+    if peer.startswith("["):
+        host, _, rest = peer[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    if peer.count(":") == 1:
+        host, _, port = peer.partition(":")
+        return host, port
+    return peer, None
 
 
 _active = Policy()

@@ -1,0 +1,395 @@
+"""Headers <-> ``Context``: request id, captured headers, W3C baggage, trace.
+
+What travels, per field of the current context:
+
+* ``request_id`` as the policy's request id header (``x-request-id``);
+* a field named like a captured inbound header (``cookie``, ``x-gray``) as
+  that header again, where the destination's route allows it;
+* ``traceparent`` / ``tracestate`` as themselves, unless OpenTelemetry has an
+  active span: then OpenTelemetry's headers are sent and the relayed ones are
+  not (two conflicting trace parents would split the trace);
+* every other field as a W3C ``baggage`` member, percent-encoded.
+
+The policy (:mod:`ctxrelay._policy`) decides what each destination receives.
+Nothing here raises into the host program: ``extract`` drops bad input with a
+debug log, ``inject`` logs its own failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote_plus
+
+from ._context import _NAME, EMPTY, REQUEST_ID, Context, current, validate_field
+from ._policy import Origin, Policy, Route, active
+from ._request import MAX_HEADERS
+
+__all__ = ["BAGGAGE", "TRACEPARENT", "TRACESTATE", "Sent", "extract", "inject", "inject_hop"]
+
+_log = logging.getLogger("ctxrelay")
+
+BAGGAGE = "baggage"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+# W3C baggage-octet is %x21 / %x23-2B / %x2D-3A / %x3C-5B / %x5D-7E.  We also
+# encode "%" (so decoding is unambiguous) and "+": OpenTelemetry Python
+# decodes with unquote_plus, so a bare "+" would arrive there as a space.
+_SAFE = "!#$&'()*-./:<=>?@[]^_`{|}~"
+_OWS = " \t"
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+
+# -- baggage -----------------------------------------------------------------
+def encode_member(name: str, value: str) -> str:
+    """One baggage member ``name=value``, the value percent-encoded (UTF-8)."""
+    return f"{name}={quote(value, safe=_SAFE)}"
+
+
+def _limit(members: list[tuple[str, str]], policy: Policy) -> list[tuple[str, str]]:
+    """Drop whole members, largest first (ties: the later one), to fit the limits.
+
+    Largest first keeps the most fields: one oversized value costs itself,
+    not the small tags (tenant, canary) that were bound before it.
+    """
+    total = sum(len(member) for _, member in members) + max(len(members) - 1, 0)
+    if len(members) <= policy.max_baggage_fields and total <= policy.max_baggage_bytes:
+        return members
+    order = sorted(range(len(members)), key=lambda i: (-len(members[i][1]), -i))
+    dropped: set[int] = set()
+    count = len(members)
+    for i in order:
+        if count <= policy.max_baggage_fields and total <= policy.max_baggage_bytes:
+            break
+        dropped.add(i)
+        count -= 1
+        total -= len(members[i][1]) + (1 if count else 0)
+    names = [members[i][0] for i in sorted(dropped)]
+    _log.warning(
+        "ctxrelay: baggage over its limits (%d fields, %d bytes): dropped fields %s",
+        policy.max_baggage_fields,
+        policy.max_baggage_bytes,
+        names,
+    )
+    return [m for i, m in enumerate(members) if i not in dropped]
+
+
+def _parse_baggage(header: str, policy: Policy, skip: frozenset[str]) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    size = 0
+    for raw in header.split(","):
+        size += len(raw) + 1
+        if size > policy.max_baggage_bytes + 1 or len(fields) >= policy.max_baggage_fields:
+            _log.debug("ctxrelay: inbound baggage over its limits; the rest is dropped")
+            break
+        pair = raw.split(";", 1)[0]  # properties are not relayed
+        name, sep, value = pair.partition("=")
+        name = name.strip(_OWS)
+        if not sep or not _NAME.match(name) or name in skip:
+            if raw.strip(_OWS):
+                _log.debug("ctxrelay: dropped baggage member %r", raw[:64])
+            continue
+        value = unquote_plus(value.strip(_OWS), errors="replace")
+        try:
+            validate_field(name, value)
+        except ValueError as exc:
+            _log.debug("ctxrelay: dropped baggage member: %s", exc)
+            continue
+        fields[name] = value
+    return fields
+
+
+# -- OpenTelemetry (only when the host program already imported it) ------------
+_otel_propagator: Any = None
+
+
+def _otel_trace_headers() -> dict[str, str] | None:
+    """OpenTelemetry's trace headers when it has an active valid span, else None."""
+    global _otel_propagator
+    trace: Any = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return None
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None
+    if _otel_propagator is None:
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        _otel_propagator = TraceContextTextMapPropagator()
+    carrier: dict[str, str] = {}
+    _otel_propagator.inject(carrier)
+    return carrier
+
+
+def _otel_baggage() -> Mapping[str, object]:
+    baggage: Any = sys.modules.get("opentelemetry.baggage")
+    if baggage is None:
+        return {}
+    entries: Mapping[str, object] = baggage.get_all()
+    return entries
+
+
+# -- inject ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sent:
+    """What ctxrelay added to one outgoing request, so a redirect can undo it.
+
+    ``origin`` is the first hop's; ``added`` the header names set on the last.
+    """
+
+    origin: Origin | None
+    added: tuple[str, ...]
+
+
+def _may_send(name: str, route: Route, policy: Policy, credentials: bool) -> bool:
+    if policy.is_sensitive(name):
+        return credentials and name.lower() in route.sensitive
+    return True
+
+
+def outgoing(
+    ctx: Context, policy: Policy, route: Route, *, credentials: bool = True
+) -> dict[str, str]:
+    """The headers ``route`` receives from ``ctx`` (lowercase names).
+
+    ``credentials=False`` withholds every sensitive header and field: a
+    redirect that left the first hop's origin gets none.
+    """
+    out: dict[str, str] = {}
+    fields = ctx._fields
+    if route.request_id and REQUEST_ID in fields and REQUEST_ID not in policy.local:
+        out[policy.request_id_header] = fields[REQUEST_ID]
+    for name in policy.capture:
+        if name not in fields or name in policy.local:
+            continue
+        if policy.is_sensitive(name):
+            if credentials and name in route.sensitive:
+                out[name] = fields[name]
+        elif "*" in route.headers or name in route.headers:
+            out[name] = fields[name]
+    if route.trace:
+        otel = _otel_trace_headers()
+        if otel is not None:
+            out.update(otel)
+        elif TRACEPARENT in fields:
+            out[TRACEPARENT] = fields[TRACEPARENT]
+            if TRACESTATE in fields:
+                out[TRACESTATE] = fields[TRACESTATE]
+    if route.baggage:
+        members = _baggage_members(fields, policy, route, credentials)
+        if members:
+            out[BAGGAGE] = ",".join(member for _, member in _limit(members, policy))
+    return out
+
+
+def _baggage_members(
+    fields: Mapping[str, str], policy: Policy, route: Route, credentials: bool
+) -> list[tuple[str, str]]:
+    skip = policy.capture | policy.local | {REQUEST_ID, TRACEPARENT, TRACESTATE}
+    members: list[tuple[str, str]] = []
+    for name, value in fields.items():
+        if name in skip or not _may_send(name, route, policy, credentials):
+            continue
+        try:
+            members.append((name, encode_member(name, value)))
+        except UnicodeEncodeError:  # a lone surrogate: not representable in UTF-8
+            _log.warning("ctxrelay: field %r cannot travel in baggage: not UTF-8", name)
+    for name, entry in _otel_baggage().items():
+        # OpenTelemetry's baggage rides along; ctxrelay's own fields win.
+        if name in fields or name in skip or not isinstance(entry, str):
+            continue
+        if not _NAME.match(name) or not _may_send(name, route, policy, credentials):
+            continue
+        try:
+            validate_field(name, entry)
+            members.append((name, encode_member(name, entry)))
+        except (ValueError, UnicodeEncodeError):
+            continue
+    return members
+
+
+def _present(headers: MutableMapping[str, str]) -> set[str]:
+    return {name.lower() for name in headers}
+
+
+def _set_missing(headers: MutableMapping[str, str], new: Mapping[str, str]) -> tuple[str, ...]:
+    # Headers the caller set explicitly win over relayed ones.
+    present = _present(headers)
+    added = []
+    for name, value in new.items():
+        if name not in present:
+            headers[name] = value
+            added.append(name)
+    return tuple(added)
+
+
+def inject(headers: MutableMapping[str, str], *, destination: str | None = None) -> None:
+    """Add the current context's headers for ``destination`` to ``headers``.
+
+    ``destination`` is the URL the request goes to; the policy's routes
+    decide what it receives (a host no route names gets the request id and
+    trace headers only).  ``destination=None`` means an in-house carrier such
+    as a task-queue message: ``Policy.in_house`` decides, by default every
+    field that is not local, the request id, trace headers and captured
+    headers that are not sensitive.  Headers already in ``headers`` are left
+    as the caller set them.  Never raises: a failure is logged.
+    """
+    try:
+        policy = active()
+        route, _ = policy.route(destination)
+        _set_missing(headers, outgoing(current(), policy, route))
+    except Exception:
+        _log.exception("ctxrelay: inject() failed; the request goes without context headers")
+
+
+def inject_hop(headers: MutableMapping[str, str], url: str, previous: Sent | None) -> Sent:
+    """``inject`` for one hop of an HTTP request, redirects included.
+
+    On the first hop (``previous`` is None) it injects for ``url``.  On a
+    redirect it first removes what it added on the previous hop; if ``url``
+    left the first hop's origin (scheme, host, port), every sensitive header,
+    the caller's included, is stripped and none is re-added.  Then it injects
+    again for ``url``.  Integrations call this; it never raises.
+    """
+    try:
+        policy = active()
+        route, origin = policy.route(url)
+        credentials = True
+        if previous is not None:
+            for name in previous.added:
+                _discard(headers, name)
+            if origin is None or origin != previous.origin:
+                credentials = False
+                for name in [n for n in headers if policy.is_sensitive(n)]:
+                    _discard(headers, name)
+            origin = previous.origin
+        added = _set_missing(headers, outgoing(current(), policy, route, credentials=credentials))
+        return Sent(origin, added)
+    except Exception:
+        _log.exception("ctxrelay: could not set context headers on an outgoing request")
+        return Sent(previous.origin if previous else None, ())
+
+
+def _discard(headers: MutableMapping[str, str], name: str) -> None:
+    try:
+        del headers[name]
+    except KeyError:
+        for key in [k for k in headers if k.lower() == name]:
+            del headers[key]
+
+
+# -- extract -----------------------------------------------------------------
+def _text(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("latin-1")  # HTTP/ASGI header bytes
+    return None
+
+
+def _lines(headers: object) -> Iterable[tuple[object, object]]:
+    multi = getattr(headers, "multi_items", None)  # ctxrelay.Headers, httpx, starlette
+    if callable(multi):
+        items: Iterable[tuple[object, object]] = multi()
+    elif isinstance(headers, Mapping):
+        items = headers.items()
+    else:
+        items = headers  # type: ignore[assignment]
+    return items
+
+
+def _collect(headers: object, wanted: frozenset[str]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for count, line in enumerate(_lines(headers)):
+        if count >= MAX_HEADERS * 4:
+            _log.debug("ctxrelay: extract() read the first %d header lines only", count)
+            break
+        try:
+            raw_name, raw_value = line
+        except (TypeError, ValueError):
+            continue
+        name, value = _text(raw_name), _text(raw_value)
+        if name is None or value is None:
+            continue
+        name = name.strip().lower()
+        if name in wanted:
+            found.setdefault(name, []).append(value.strip(_OWS))
+    return found
+
+
+def _valid_traceparent(value: str) -> bool:
+    match = _TRACEPARENT.match(value)
+    if match is None:
+        return False
+    version, trace_id, span_id, _, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return False
+    return trace_id != _ZERO_TRACE and span_id != _ZERO_SPAN
+
+
+def _valid(name: str, value: str) -> bool:
+    try:
+        validate_field(name, value)
+    except ValueError as exc:
+        _log.debug("ctxrelay: dropped inbound header: %s", exc)
+        return False
+    return True
+
+
+def extract(
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+    *,
+    peer: str | None = None,
+    in_house: bool = False,
+) -> Context:
+    """The context carried by inbound ``headers``.  Never raises.
+
+    It holds the request id (from the policy's request id header), the
+    headers the policy captures (each a field named by the lowercased header
+    name), a valid ``traceparent``/``tracestate`` verbatim, and the
+    ``baggage`` fields -- those only when the policy trusts ``peer`` (the
+    client address, ``host`` or ``host:port``; ``None`` or ``""`` when
+    unknown: never trusted) or, with ``in_house=True`` (a task-queue
+    message written by ``inject(destination=None)``), when
+    ``Policy.trust_in_house``.  Invalid entries are dropped with a debug log.
+    """
+    try:
+        return _extract(headers, peer, in_house)
+    except Exception:
+        _log.debug("ctxrelay: extract() dropped unreadable headers", exc_info=True)
+        return EMPTY
+
+
+def _extract(headers: object, peer: str | None, in_house: bool) -> Context:
+    policy = active()
+    rid_header = policy.request_id_header
+    trusted = policy.trust_in_house if in_house else policy.trusts(peer)
+    wanted = policy.capture | {rid_header, TRACEPARENT, TRACESTATE}
+    if trusted:
+        wanted |= {BAGGAGE}
+    found = _collect(headers, wanted)
+    fields: dict[str, str] = {}
+    if BAGGAGE in found:
+        skip = policy.capture | policy.local | {REQUEST_ID, TRACEPARENT, TRACESTATE}
+        fields.update(_parse_baggage(",".join(found[BAGGAGE]), policy, skip))
+    for name in policy.capture:
+        if name in found:
+            value = ("; " if name == "cookie" else ", ").join(found[name])
+            if _valid(name, value):
+                fields[name] = value
+    parents = found.get(TRACEPARENT, [])
+    if len(parents) == 1 and _valid_traceparent(parents[0]):
+        fields[TRACEPARENT] = parents[0]
+        state = ",".join(found.get(TRACESTATE, []))
+        if state and _valid(TRACESTATE, state):
+            fields[TRACESTATE] = state
+    ids = found.get(rid_header, [])
+    if len(ids) == 1 and ids[0] and _valid(REQUEST_ID, ids[0]):
+        fields[REQUEST_ID] = ids[0]
+    return Context._make(fields, None) if fields else EMPTY
