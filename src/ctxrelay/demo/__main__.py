@@ -1,0 +1,5 @@
+import sys
+
+from ctxrelay.demo import main
+
+sys.exit(main())
