@@ -93,7 +93,18 @@ def sanitize(fields: Iterable[tuple[object, object]], *, source: str) -> dict[st
     in a worker process, a message header): bad input never raises there.
     """
     result: dict[str, str] = {}
-    for name, value in fields:
+    try:
+        entries = iter(fields)
+    except TypeError:
+        _log.warning("ctxrelay: dropped context fields from %s: not iterable", source)
+        return result
+    for entry in entries:
+        # A JSON message header decodes pairs as lists, and hostile input may
+        # hold anything: only a two-item tuple or list is a field.
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+            _log.warning("ctxrelay: dropped a context entry from %s: not a pair", source)
+            continue
+        name, value = entry
         try:
             validate_field(name, value)
         except (TypeError, ValueError) as exc:
