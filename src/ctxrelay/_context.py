@@ -58,14 +58,20 @@ def validate_field(name: object, value: object) -> None:
     """Raise ``TypeError``/``ValueError`` naming the field if it is not valid."""
     if not isinstance(name, str):
         raise TypeError(f"context field names are str, got {type(name).__name__}: {name!r}")
-    if not _NAME.match(name):
-        raise ValueError(
-            f"invalid context field name {name!r}: use 1-{MAX_NAME_LENGTH} characters "
-            "of A-Z a-z 0-9 _ . - starting with a letter or digit"
-        )
+    if name not in _known_names:
+        if not _NAME.match(name):
+            raise ValueError(
+                f"invalid context field name {name!r}: use 1-{MAX_NAME_LENGTH} characters "
+                "of A-Z a-z 0-9 _ . - starting with a letter or digit"
+            )
+        if len(_known_names) < _KNOWN_NAMES_MAX:
+            _known_names.add(name)
     if not isinstance(value, str):
         raise TypeError(f"context field {name!r} must be a str, got {type(value).__name__}")
-    # len() is characters; only values that could exceed the cap pay for encoding.
+    # Fast path: a printable str has no control character, and len() bounds
+    # the UTF-8 size; only long or unusual values pay for the full checks.
+    if len(value) <= MAX_VALUE_BYTES // 4 and value.isprintable():
+        return
     if len(value) * 4 > MAX_VALUE_BYTES and len(value.encode("utf-8", "surrogatepass")) > (
         MAX_VALUE_BYTES
     ):
@@ -77,8 +83,16 @@ def validate_field(name: object, value: object) -> None:
         )
 
 
+# Names already checked against _NAME: binding the same few names on every
+# request then costs a set lookup, not a regex.  Bounded, so hostile input
+# cannot grow it without limit.
+_known_names: set[str] = set()
+_KNOWN_NAMES_MAX = 4096
+
+
 def _validated(fields: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, str]:
-    items = fields.items() if isinstance(fields, Mapping) else fields
+    # type() first: isinstance() against the Mapping ABC is slow on a hot path.
+    items = fields.items() if type(fields) is dict or isinstance(fields, Mapping) else fields
     result: dict[str, str] = {}
     for name, value in items:
         validate_field(name, value)
@@ -289,9 +303,11 @@ class _Scope:
         ctx = self._target
         if ctx is None:
             base = _CURRENT.get()
-            new = dict(base._fields)
-            new.update(self._fields or ())
-            ctx = Context._make(new, base._request)
+            fields = self._fields or {}
+            if base._fields:
+                fields = {**base._fields, **fields}
+            # Context values never mutate their dict, so an unchanged one is shared.
+            ctx = Context._make(fields, base._request)
         self._token = _CURRENT.set(ctx)
         return ctx
 
@@ -312,10 +328,11 @@ def bind(fields: Mapping[str, str] | None = None, /, **more: str) -> _Scope:
     The fields are validated here, so a bad one raises at the call site.  On
     exit the previous context is restored, whatever happened in the block.
     """
-    validated = _validated(fields) if fields else {}
-    if more:
-        validated.update(_validated(more))
-    return _Scope(None, validated)
+    for name, value in more.items():  # ``more`` is our own fresh dict: no copy
+        validate_field(name, value)
+    if fields:
+        more = {**_validated(fields), **more}
+    return _Scope(None, more)
 
 
 def use(ctx: Context) -> _Scope:
