@@ -203,12 +203,17 @@ class RequestSnapshot:
         """Snapshot an ASGI ``http`` or ``websocket`` scope."""
         lines: list[tuple[str, str]] = []
         for pair in scope.get("headers") or ():
-            try:
-                raw_name, raw_value = pair
-                lines.append(
-                    (bytes(raw_name).decode("latin-1"), bytes(raw_value).decode("latin-1"))
-                )
-            except (TypeError, ValueError):
+            # ASGI headers are pairs of byte strings.  Check the types rather
+            # than call bytes() on whatever came: bytes(0) is b"" and
+            # bytes(2**40) allocates a terabyte.
+            if (
+                isinstance(pair, (tuple, list))
+                and len(pair) == 2
+                and isinstance(pair[0], (bytes, bytearray))
+                and isinstance(pair[1], (bytes, bytearray))
+            ):
+                lines.append((pair[0].decode("latin-1"), pair[1].decode("latin-1")))
+            else:
                 _log.debug("ctxrelay: dropped a malformed ASGI header entry")
         headers = Headers(lines)
         client = scope.get("client")
