@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import ClassVar
 from urllib.parse import urlsplit
@@ -115,11 +116,11 @@ class Route:
     """
 
     hosts: tuple[str, ...] = ("*",)
-    schemes: frozenset[str] = frozenset({"http", "https"})
-    ports: frozenset[int] = frozenset()
+    schemes: AbstractSet[str] = frozenset({"http", "https"})
+    ports: AbstractSet[int] = frozenset()
     baggage: bool = True
-    headers: frozenset[str] = frozenset({"*"})
-    sensitive: frozenset[str] = frozenset()
+    headers: AbstractSet[str] = frozenset({"*"})
+    sensitive: AbstractSet[str] = frozenset()
     request_id: bool = True
     trace: bool = True
 
@@ -194,11 +195,11 @@ class Policy:
 
     sensitive: frozenset[str] = field(default_factory=frozenset)
     request_id_header: str = "x-request-id"
-    capture: frozenset[str] = frozenset()
+    capture: AbstractSet[str] = frozenset()
     routes: tuple[_Route, ...] = ()
     foreign: _Route = FOREIGN
     in_house: _Route = IN_HOUSE
-    local: frozenset[str] = frozenset()
+    local: AbstractSet[str] = frozenset()
     trusted_peers: tuple[str, ...] = ()
     trust_in_house: bool = True
     max_baggage_fields: int = 64

@@ -21,6 +21,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_plus
@@ -81,7 +82,7 @@ def _limit(members: list[tuple[str, str]], policy: Policy) -> list[tuple[str, st
     return [m for i, m in enumerate(members) if i not in dropped]
 
 
-def _parse_baggage(header: str, policy: Policy, skip: frozenset[str]) -> dict[str, str]:
+def _parse_baggage(header: str, policy: Policy, skip: AbstractSet[str]) -> dict[str, str]:
     fields: dict[str, str] = {}
     size = 0
     for raw in header.split(","):
@@ -214,11 +215,11 @@ def _baggage_members(
     return members
 
 
-def _present(headers: MutableMapping[str, str]) -> set[str]:
+def _present(headers: MutableMapping[str, Any]) -> set[str]:
     return {name.lower() for name in headers}
 
 
-def _set_missing(headers: MutableMapping[str, str], new: Mapping[str, str]) -> tuple[str, ...]:
+def _set_missing(headers: MutableMapping[str, Any], new: Mapping[str, str]) -> tuple[str, ...]:
     # Headers the caller set explicitly win over relayed ones.
     present = _present(headers)
     added = []
@@ -248,7 +249,7 @@ def inject(headers: MutableMapping[str, str], *, destination: str | None = None)
         _log.exception("ctxrelay: inject() failed; the request goes without context headers")
 
 
-def inject_hop(headers: MutableMapping[str, str], url: str, previous: Sent | None) -> Sent:
+def inject_hop(headers: MutableMapping[str, Any], url: str, previous: Sent | None) -> Sent:
     """``inject`` for one hop of an HTTP request, redirects included.
 
     On the first hop (``previous`` is None) it injects for ``url``.  On a
@@ -276,7 +277,7 @@ def inject_hop(headers: MutableMapping[str, str], url: str, previous: Sent | Non
         return Sent(previous.origin if previous else None, ())
 
 
-def _discard(headers: MutableMapping[str, str], name: str) -> None:
+def _discard(headers: MutableMapping[str, Any], name: str) -> None:
     try:
         del headers[name]
     except KeyError:
@@ -304,7 +305,7 @@ def _lines(headers: object) -> Iterable[tuple[object, object]]:
     return items
 
 
-def _collect(headers: object, wanted: frozenset[str]) -> dict[str, list[str]]:
+def _collect(headers: object, wanted: AbstractSet[str]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for count, line in enumerate(_lines(headers)):
         if count >= MAX_HEADERS * 4:
