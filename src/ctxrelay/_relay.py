@@ -26,6 +26,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import functools
+import inspect
 import logging
 import sys
 import threading
@@ -267,6 +268,10 @@ class _RelayedRun:
 _POOL_WORKER = getattr(concurrent.futures.thread, "_worker", None)
 
 
+# Python 3.14 added Thread(context=...): the thread runs in that context.
+THREAD_TAKES_CONTEXT = "context" in inspect.signature(threading.Thread.__init__).parameters
+
+
 def prepare_start(thread: threading.Thread) -> None:
     """Capture for ``thread.start()``: make its ``run`` execute in the capture.
 
@@ -275,18 +280,27 @@ def prepare_start(thread: threading.Thread) -> None:
     worker gets an empty context instead: it serves many requests, and each
     of its tasks brings its own.
     """
-    if isinstance(thread.__dict__.get("run"), _RelayedRun):
-        return  # already prepared by an outer layer
     if getattr(thread, "_target", None) is _POOL_WORKER:
         context = contextvars.Context()
     else:
         context = _copy_context()
+    if THREAD_TAKES_CONTEXT:  # pragma: no cover - Python 3.14+
+        # Pass the capture explicitly, so the thread never inherits (free-
+        # threaded builds) or starts empty; a context the caller passed wins.
+        if getattr(thread, "_context", None) is None:
+            thread._context = context  # type: ignore[attr-defined]
+            thread.__dict__["_ctxrelay_set_context"] = True
+        return
+    if isinstance(thread.__dict__.get("run"), _RelayedRun):
+        return  # already prepared by an outer layer
     thread.__dict__["run"] = _RelayedRun(thread, context, thread.run)
 
 
 def _unprepare(thread: threading.Thread) -> None:
     if isinstance(thread.__dict__.get("run"), _RelayedRun):
         del thread.__dict__["run"]
+    if thread.__dict__.pop("_ctxrelay_set_context", False):  # pragma: no cover - 3.14+
+        thread._context = None  # type: ignore[attr-defined]
 
 
 class Thread(threading.Thread):
