@@ -290,8 +290,11 @@ class RequestSnapshot:
 
     def __repr__(self) -> str:
         query = f"?{self.query}" if self.query else ""
+        # Quoted with repr(): servers percent-decode the path, so "%0d%0a"
+        # arrives as CR LF, and a repr that lands in a log must not forge lines.
+        target = f"{self.method} {self.scheme}://{self.host}{self.path}{query}"
         return (
-            f"RequestSnapshot({self.method} {self.scheme}://{self.host}{self.path}{query}, "
+            f"RequestSnapshot({target!r}, "
             f"client={self.client!r}, headers={self.headers!r}, "
             f"cookies={dict.fromkeys(self.cookies, MASK)!r})"
         )
