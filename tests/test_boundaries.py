@@ -207,16 +207,20 @@ def test_ctxrelay_process_pool_carries_fields_and_request_snapshot() -> None:
 
 def test_context_executor_over_a_process_pool_relays_fields() -> None:
     with ctxrelay.ContextExecutor(concurrent.futures.ProcessPoolExecutor(1)) as pool:
-        with ctxrelay.use(ctxrelay.Context(user="bob", request_id="r-2")):
+        with in_request(), ctxrelay.bind(user="bob", request_id="r-2"):
             assert pool.submit(report).result() == ("bob", "r-2", None)
+            assert pool.submit(other_value).result() == "-"  # forked clean
             assert list(pool.map(report_n, range(3), chunksize=2)) == [("bob", "r-2", None)] * 3
 
 
 def test_run_in_executor_with_a_process_pool_relays_fields_under_instrument() -> None:
     async def main() -> tuple[str | None, str | None, str | None]:
         with concurrent.futures.ProcessPoolExecutor(1) as pool:
-            with ctxrelay.bind(user="carol", request_id="r-3"):
-                return await asyncio.get_running_loop().run_in_executor(pool, report)
+            with in_request(), ctxrelay.bind(user="carol", request_id="r-3"):
+                loop = asyncio.get_running_loop()
+                seen = await loop.run_in_executor(pool, report)
+                assert await loop.run_in_executor(pool, other_value) == "-"  # forked clean
+                return seen
 
     ctxrelay.instrument()
     assert asyncio.run(main()) == ("carol", "r-3", None)

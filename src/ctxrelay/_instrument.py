@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._relay import _unprepare, prepare_start, relay_callbacks, relayed_task
+from ._relay import _unprepare, fork_clean, prepare_start, relay_callbacks, relayed_task
 
 __all__ = ["instrument", "instrumented", "uninstrument"]
 
@@ -59,8 +59,11 @@ def _patched_run_in_executor(previous: Callable[..., Any]) -> Callable[..., Any]
         # executor the loop's default ThreadPoolExecutor is used, whose
         # patched submit captures; any other executor is relayed here, a
         # process pool with the picklable ctxrelay Context.
-        if executor is not None:
-            func = relayed_task(executor, func)
+        if executor is None:
+            return previous(self, executor, func, *args)
+        func = relayed_task(executor, func)
+        if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+            return fork_clean(previous, self, executor, func, *args)
         return previous(self, executor, func, *args)
 
     return run_in_executor

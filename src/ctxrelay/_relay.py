@@ -124,6 +124,17 @@ def relayed_task(executor: Executor, fn: Callable[..., Any]) -> Callable[..., An
     return _task(fn)
 
 
+def fork_clean(submit: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Call a process pool's ``submit``/``map`` from an empty context.
+
+    They may fork the worker processes, and a forked child keeps the forking
+    thread's context for its whole life: every later task in that worker
+    would see the request that happened to fork it -- seed 001's stale
+    context, across processes.
+    """
+    return contextvars.Context().run(submit, *args, **kwargs)
+
+
 class _RelayFuture(Future[Any]):
     """A ``Future`` whose done-callbacks run in the context current when added.
 
@@ -183,6 +194,8 @@ class ContextExecutor(Executor):
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         task = relayed_task(self.executor, fn)
+        if self._process:
+            return relay_callbacks(fork_clean(self.executor.submit, task, *args, **kwargs))
         return relay_callbacks(self.executor.submit(task, *args, **kwargs))
 
     def map(
@@ -195,7 +208,9 @@ class ContextExecutor(Executor):
         if self._process:
             # One capture for the whole call; the pool pickles it per chunk.
             task = _ProcessTask(_CURRENT.get(), fn)
-            return self.executor.map(task, *iterables, timeout=timeout, chunksize=chunksize)
+            return fork_clean(
+                self.executor.map, task, *iterables, timeout=timeout, chunksize=chunksize
+            )
         # Executor.map submits item by item through self.submit: each item
         # gets its own copy of the capture (one Context can't run in two
         # threads at once).
@@ -237,11 +252,7 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         task = fn if isinstance(fn, _ProcessTask) else _ProcessTask(_CURRENT.get(), fn)
-        # submit() may fork the worker processes; a forked child keeps the
-        # forking thread's context for its whole life -- seed 001's stale
-        # context, across processes.  Fork from an empty context instead.
-        submit: Callable[..., Future[T]] = super().submit
-        return relay_callbacks(contextvars.Context().run(submit, task, *args, **kwargs))
+        return relay_callbacks(fork_clean(super().submit, task, *args, **kwargs))
 
 
 # -- threads ------------------------------------------------------------------
