@@ -15,7 +15,7 @@ import random
 import threading
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ctxrelay
@@ -402,7 +402,7 @@ def test_a_value_is_accepted_exactly_when_it_fits_in_the_byte_cap(
 # -- sanitize ----------------------------------------------------------------------
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.one_of(

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 
 from ctxrelay import Headers, RequestSnapshot
 from ctxrelay._request import MAX_HEADER_BYTES, MAX_HEADERS, MAX_HEADERS_TOTAL_BYTES
@@ -119,10 +119,9 @@ def test_from_asgi_snapshots_a_real_uvicorn_request(
         )
     assert response.status_code == 204
     (snap,) = captured
-    port = base.rsplit(":", 1)[1]
     assert snap.method == "POST"
     assert snap.scheme == "http"
-    assert snap.host == f"127.0.0.1:{port}"
+    assert snap.host == base.removeprefix("http://")
     assert snap.path == "/orders/café"
     assert snap.query == "expand=items&x=%20"
     assert snap.client is not None
@@ -130,6 +129,18 @@ def test_from_asgi_snapshots_a_real_uvicorn_request(
     assert snap.headers.get_all("accept") == ["text/html", "application/json"]
     assert snap.headers["X-Request-Id"] == "req-42"
     assert snap.cookies == {"session": "abc", "theme": "dark mode", "late": "1"}
+
+
+def test_a_crlf_a_real_server_decodes_into_the_path_is_kept_but_escaped_in_the_repr(
+    uvicorn_snapshots: tuple[str, list[RequestSnapshot]],
+) -> None:
+    base, captured = uvicorn_snapshots
+    with httpx.Client() as client:
+        assert client.get(f"{base}/a%0D%0AInjected:%201").status_code == 204
+    (snap,) = captured
+    assert snap.path == "/a\r\nInjected: 1"
+    assert "\n" not in repr(snap)
+    assert "\r" not in repr(snap)
 
 
 # -- from ASGI scopes: the details -------------------------------------------------
@@ -234,7 +245,9 @@ class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
         pass
 
 
-def test_from_wsgi_snapshots_a_real_wsgiref_request() -> None:
+@pytest.fixture
+def wsgiref_snapshots() -> Iterator[tuple[str, list[RequestSnapshot]]]:
+    """A real wsgiref server on 127.0.0.1 whose app snapshots every environ."""
     captured: list[RequestSnapshot] = []
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -246,27 +259,33 @@ def test_from_wsgi_snapshots_a_real_wsgiref_request() -> None:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
-        port = server.server_port
-        with httpx.Client() as client:
-            response = client.put(
-                f"http://127.0.0.1:{port}/caf%C3%A9/items?q=%C3%A9&n=1",
-                headers=[
-                    ("Accept", "text/html"),
-                    ("Cookie", 'session=abc; theme="dark mode"'),
-                    ("X-Request-ID", "req-7"),
-                    ("Content-Type", "application/json"),
-                ],
-                content=b"{}",
-            )
-        assert response.status_code == 204
+        yield f"http://127.0.0.1:{server.server_port}", captured
     finally:
         server.shutdown()
         thread.join(timeout=20)
         server.server_close()
+
+
+def test_from_wsgi_snapshots_a_real_wsgiref_request(
+    wsgiref_snapshots: tuple[str, list[RequestSnapshot]],
+) -> None:
+    base, captured = wsgiref_snapshots
+    with httpx.Client() as client:
+        response = client.put(
+            f"{base}/caf%C3%A9/items?q=%C3%A9&n=1",
+            headers=[
+                ("Accept", "text/html"),
+                ("Cookie", 'session=abc; theme="dark mode"'),
+                ("X-Request-ID", "req-7"),
+                ("Content-Type", "application/json"),
+            ],
+            content=b"{}",
+        )
+    assert response.status_code == 204
     (snap,) = captured
     assert snap.method == "PUT"
     assert snap.scheme == "http"
-    assert snap.host == f"127.0.0.1:{port}"
+    assert snap.host == base.removeprefix("http://")
     # PEP 3333: PATH_INFO holds the bytes as latin-1; the snapshot decodes UTF-8
     assert snap.path == "/café/items"
     assert snap.query == "q=%C3%A9&n=1"
@@ -493,7 +512,7 @@ def test_from_wsgi_ignores_non_string_keys_and_values() -> None:
     assert snap.headers.multi_items() == [("x-ok", "fine")]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(hostile_asgi_headers)
 def test_from_asgi_never_raises_on_arbitrary_header_lists_and_keeps_only_clean_lines(
     headers: list[Any],
@@ -508,7 +527,7 @@ def test_from_asgi_never_raises_on_arbitrary_header_lists_and_keeps_only_clean_l
     assert set(snap.headers.multi_items()) <= well_formed
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(hostile_environ)
 def test_from_wsgi_never_raises_on_arbitrary_environs_and_keeps_only_clean_lines(
     environ: dict[str, Any],
