@@ -344,7 +344,7 @@ def _valid(name: str, value: str) -> bool:
 
 
 def extract(
-    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+    headers: Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]],
     *,
     peer: str | None = None,
     in_house: bool = False,
