@@ -78,7 +78,7 @@ class Origin:
 def host_matches(pattern: str, host: str) -> bool:
     """``pattern`` is ``*`` (any host), ``*.suffix`` (any subdomain), a CIDR
     network (``10.0.0.0/8``) or an exact host; all case-insensitive."""
-    host = host.lower().rstrip(".")
+    host = host.lower().rstrip(".").strip("[]")  # "[::1]" as URLs and peers write it
     if pattern == "*":
         return True
     if pattern.startswith("*."):
