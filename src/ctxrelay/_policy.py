@@ -38,6 +38,8 @@ SENSITIVE_FRAGMENTS: tuple[str, ...] = ("password", "passwd", "secret", "token",
 
 MASK = "***"
 
+_MAX_VERDICTS = 4096
+
 
 def _lowered(names: Iterable[str]) -> frozenset[str]:
     if isinstance(names, str):  # a bare "cookie" would become {"c", "o", ...}
@@ -204,6 +206,10 @@ class Policy:
     trust_in_house: bool = True
     max_baggage_fields: int = 64
     max_baggage_bytes: int = 8192
+    # is_sensitive() runs per field per outgoing request: remember the answers.
+    _verdicts: dict[str, bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sensitive", _lowered(self.sensitive) | DEFAULT_SENSITIVE)
@@ -246,10 +252,15 @@ class Policy:
 
     def is_sensitive(self, name: str) -> bool:
         """True when values under ``name`` must never be shown or sent freely."""
-        lowered = name.lower()
-        if lowered in self.sensitive:
-            return True
-        return any(fragment in lowered for fragment in SENSITIVE_FRAGMENTS)
+        verdict = self._verdicts.get(name)
+        if verdict is None:
+            lowered = name.lower()
+            verdict = lowered in self.sensitive or any(
+                fragment in lowered for fragment in SENSITIVE_FRAGMENTS
+            )
+            if len(self._verdicts) < _MAX_VERDICTS:  # bounded: names may come from outside
+                self._verdicts[name] = verdict
+        return verdict
 
 
 def _split_peer(peer: str) -> tuple[str, str | None]:

@@ -42,6 +42,7 @@ TRACESTATE = "tracestate"
 # encode "%" (so decoding is unambiguous) and "+": OpenTelemetry Python
 # decodes with unquote_plus, so a bare "+" would arrive there as a space.
 _SAFE = "!#$&'()*-./:<=>?@[]^_`{|}~"
+_PLAIN = re.compile(r"[A-Za-z0-9!#$&'()*\-./:<=>?@\[\]^_`{|}~]*\Z")
 _OWS = " \t"
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
 _ZERO_TRACE = "0" * 32
@@ -51,6 +52,8 @@ _ZERO_SPAN = "0" * 16
 # -- baggage -----------------------------------------------------------------
 def encode_member(name: str, value: str) -> str:
     """One baggage member ``name=value``, the value percent-encoded (UTF-8)."""
+    if _PLAIN.match(value):  # most values (ids, tags) need no encoding at all
+        return f"{name}={value}"
     return f"{name}={quote(value, safe=_SAFE)}"
 
 
@@ -83,24 +86,26 @@ def _limit(members: list[tuple[str, str]], policy: Policy) -> list[tuple[str, st
 
 
 def _parse_baggage(header: str, policy: Policy, skip: AbstractSet[str]) -> dict[str, str]:
+    limit = policy.max_baggage_bytes
+    if len(header) > limit:
+        # Keep whole members only: cut after the last comma within the limit.
+        _log.debug("ctxrelay: inbound baggage over %d bytes; the rest is dropped", limit)
+        header = header[: header.rfind(",", 0, limit + 1) + 1]
     fields: dict[str, str] = {}
-    size = 0
     for raw in header.split(","):
-        size += len(raw) + 1
-        if size > policy.max_baggage_bytes + 1 or len(fields) >= policy.max_baggage_fields:
-            _log.debug("ctxrelay: inbound baggage over its limits; the rest is dropped")
+        if len(fields) >= policy.max_baggage_fields:
+            _log.debug("ctxrelay: inbound baggage over %d fields", policy.max_baggage_fields)
             break
-        pair = raw.split(";", 1)[0]  # properties are not relayed
-        name, sep, value = pair.partition("=")
+        name, sep, value = raw.split(";", 1)[0].partition("=")  # properties not relayed
         name = name.strip(_OWS)
-        if not sep or not _NAME.match(name) or name in skip:
-            if raw.strip(_OWS):
-                _log.debug("ctxrelay: dropped baggage member %r", raw[:64])
+        if not sep or name in skip:
             continue
-        value = unquote_plus(value.strip(_OWS), errors="replace")
+        value = value.strip(_OWS)
+        if "%" in value or "+" in value:  # OpenTelemetry Python writes a space as "+"
+            value = unquote_plus(value, errors="replace")
         try:
             validate_field(name, value)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             _log.debug("ctxrelay: dropped baggage member: %s", exc)
             continue
         fields[name] = value
@@ -189,10 +194,23 @@ def outgoing(
     return out
 
 
+_not_baggage_memo: tuple[Policy | None, frozenset[str]] = (None, frozenset())
+
+
+def _not_baggage(policy: Policy) -> frozenset[str]:
+    """Field names that never travel as baggage: headers of their own, local ones."""
+    global _not_baggage_memo
+    memo_policy, names = _not_baggage_memo
+    if memo_policy is not policy:
+        names = frozenset(policy.capture | policy.local | {REQUEST_ID, TRACEPARENT, TRACESTATE})
+        _not_baggage_memo = (policy, names)
+    return names
+
+
 def _baggage_members(
     fields: Mapping[str, str], policy: Policy, route: Route, credentials: bool
 ) -> list[tuple[str, str]]:
-    skip = policy.capture | policy.local | {REQUEST_ID, TRACEPARENT, TRACESTATE}
+    skip = _not_baggage(policy)
     members: list[tuple[str, str]] = []
     for name, value in fields.items():
         if name in skip or not _may_send(name, route, policy, credentials):
@@ -377,7 +395,7 @@ def _extract(headers: object, peer: str | None, in_house: bool) -> Context:
     found = _collect(headers, wanted)
     fields: dict[str, str] = {}
     if BAGGAGE in found:
-        skip = policy.capture | policy.local | {REQUEST_ID, TRACEPARENT, TRACESTATE}
+        skip = _not_baggage(policy)
         fields.update(_parse_baggage(",".join(found[BAGGAGE]), policy, skip))
     for name in policy.capture:
         if name in found:
