@@ -1,0 +1,237 @@
+"""Celery: the context travels with every task message and lives only as long
+as the task runs in the worker.
+
+:func:`install` connects three Celery signals (as OpenTelemetry's Celery
+instrumentor does -- no monkeypatching):
+
+* ``before_task_publish`` writes the publisher's current context into the
+  message's headers, under one key (``ctxrelay``).  Every way of sending goes
+  through it: ``delay``, ``apply_async``, ``send_task``, signatures, and the
+  canvas messages a *worker* publishes (the next link of a chain, callbacks,
+  errbacks, a chord's callback, a retry) -- those are published while the
+  parent task's context is bound, so they carry it on.
+* ``task_prerun`` reads it back from ``task.request`` (wherever this Celery
+  version and message protocol put it: celery #4875), checks it (shape,
+  size, signature) and binds it, plus the worker-local fields
+  ``task_id``, ``task_parent_id`` and ``task_root_id`` for the logs.
+* ``task_postrun`` resets it *by token*.
+
+Example::
+
+    from celery import Celery
+    import ctxrelay
+    from ctxrelay.integrations.celery import install
+
+    app = Celery("shop", broker="redis://127.0.0.1:6379/0")
+    install(app)                      # in the publisher and in the worker
+
+    @app.task
+    def confirm(order: str) -> None:
+        print(ctxrelay.request_id())  # "r-42", in the worker
+
+    with ctxrelay.bind(request_id="r-42"):
+        confirm.delay("o-1")
+
+Decisions, and the holes they close:
+
+* The reset is in ``task_postrun`` only.  Celery sends it from a ``finally``
+  after every outcome -- success, exception, retry, reject, ignore -- so no
+  context outlives its task.  ``task_failure`` and ``task_retry`` fire
+  *before* Celery logs "raised unexpected" / "retry in 1s": resetting there
+  would strip the request id from exactly the lines one searches for (the
+  symptom of asgi-correlation-id #100, which also reset with ``set(None)``
+  instead of a token).  ``task_revoked`` needs nothing: a revoked task either
+  never ran, or its process was killed.
+* The binding replaces, never merges: the task sees exactly its message's
+  context, whatever the worker thread held before.
+* A retry is published from inside the task, so it carries the bound context
+  again whether or not Celery copies custom headers (celery #7523).
+* Eager mode (``task_always_eager``, ``task.apply()``) publishes nothing: the
+  task runs in the caller's thread and keeps the caller's context (celery
+  #1874), with the worker-local fields of the eager task on top.
+* The worker-local fields are never forwarded (see
+  :data:`ctxrelay._signing.WORKER_FIELDS`): a child task gets its own
+  ``task_id``, and Celery itself sets its ``parent_id`` and ``root_id``.
+* ``secret=``: the context is signed with an HMAC bound to the task id; a
+  worker with the secret runs an unsigned or tampered context's task with an
+  empty context and logs an error.  Malformed or oversized input likewise
+  runs with an empty context, with a warning.  The worker keeps serving.
+
+The publish signal does not say which app publishes, so one process has one
+configuration: every installed app must use the same secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+try:
+    from celery import Celery, signals  # type: ignore[import-untyped]
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "ctxrelay.integrations.celery needs Celery: pip install 'ctxrelay[celery]'"
+    ) from exc
+
+from .._context import _CURRENT, Context, current
+from .._signing import KEY, WORKER_FIELDS, Secret, Signer, as_signer, capture, restore, with_local
+
+__all__ = ["KEY", "TASK_ID", "TASK_PARENT_ID", "TASK_ROOT_ID", "install", "uninstall"]
+
+_log = logging.getLogger("ctxrelay")
+
+#: The worker-local fields bound while a task runs (never forwarded).
+TASK_ID = "task_id"
+TASK_PARENT_ID = "task_parent_id"
+TASK_ROOT_ID = "task_root_id"
+
+# Where prerun leaves the token for postrun: on the task's own request object,
+# which Celery pushes for exactly one execution (nested eager calls and a
+# redelivered duplicate each get their own).
+_TOKEN = "_ctxrelay_token"
+_UID = "ctxrelay"
+
+
+class _Installed:
+    __slots__ = ("apps", "signer")
+
+    def __init__(self, signer: Signer | None) -> None:
+        self.apps: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.signer = signer
+
+
+_state: _Installed | None = None
+_lock = threading.Lock()
+
+
+def install(app: Celery, *, secret: Signer | Secret | Sequence[Secret] | None = None) -> None:
+    """Relay the context through ``app``'s task messages.  Idempotent.
+
+    Call it where the app is defined, so that publishers and workers both run
+    it.  ``secret`` (one, or several to rotate; at least 16 bytes) signs the
+    carried context; workers then refuse contexts without a valid signature.
+    Raises ``ValueError`` if another installed app uses a different secret.
+    """
+    global _state
+    signer = as_signer(secret)
+    with _lock:
+        if _state is not None and _keys(_state.signer) != _keys(signer):
+            if set(_state.apps) - {app}:
+                raise ValueError(
+                    "ctxrelay.integrations.celery: every installed app must use the same secret"
+                )
+            _state.signer = signer
+        if _state is None:
+            _state = _Installed(signer)
+            _connect()
+        _state.apps.add(app)
+
+
+def uninstall(app: Celery) -> None:
+    """Stop relaying through ``app``; the signals go when no app is left.  Idempotent."""
+    global _state
+    with _lock:
+        if _state is None:
+            return
+        _state.apps.discard(app)
+        if not _state.apps:
+            _state = None
+            _disconnect()
+
+
+def _keys(signer: Signer | None) -> tuple[bytes, ...]:
+    return () if signer is None else signer._keys
+
+
+def _connect() -> None:
+    signals.before_task_publish.connect(_on_publish, weak=False, dispatch_uid=_UID)
+    signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid=_UID)
+    signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid=_UID)
+
+
+def _disconnect() -> None:
+    signals.before_task_publish.disconnect(_on_publish, dispatch_uid=_UID)
+    signals.task_prerun.disconnect(_on_prerun, dispatch_uid=_UID)
+    signals.task_postrun.disconnect(_on_postrun, dispatch_uid=_UID)
+
+
+def _on_publish(
+    sender: object = None, body: object = None, headers: object = None, **_: Any
+) -> None:
+    state = _state
+    if state is None or not isinstance(headers, dict):
+        return
+    try:
+        # Protocol 2 keeps the task id in the headers, protocol 1 in the body.
+        task_id = headers.get("id") or (body.get("id") if isinstance(body, Mapping) else None)
+        carrier = capture(str(task_id or ""), state.signer)
+        if carrier:
+            headers[KEY] = carrier
+        else:
+            # A retry copies its request's headers: what counts is the
+            # context at publish time, which here is none.
+            headers.pop(KEY, None)
+    except Exception:
+        _log.exception("ctxrelay: could not put the context on task %r", sender)
+
+
+def _carried(request: Any) -> object:
+    """The carrier wherever the message put it (celery #4875).
+
+    Protocol 2 turns every message header into a ``request`` attribute;
+    Celery 5 also collects custom headers in ``request.headers``; protocol 1
+    puts the message headers there, and some versions nest them once more
+    under ``headers``.
+    """
+    found = request.__dict__.get(KEY)
+    if found is not None:
+        return found
+    headers = getattr(request, "headers", None)
+    if isinstance(headers, Mapping):
+        found = headers.get(KEY)
+        nested = headers.get("headers")
+        if found is None and isinstance(nested, Mapping):
+            found = nested.get(KEY)
+    return found
+
+
+def _context_for(task: Any, state: _Installed) -> Context:
+    request = task.request
+    if request.is_eager:
+        # celery #1874: no message was published; the caller's context is
+        # the task's (without an enclosing eager task's own ids).
+        base = current().remove(*WORKER_FIELDS)
+    else:
+        source = f"task {str(task.name)[:100]!r} id {str(request.id)[:100]!r}"
+        base = restore(_carried(request), str(request.id or ""), state.signer, source=source)
+    return with_local(
+        base,
+        {TASK_ID: request.id, TASK_PARENT_ID: request.parent_id, TASK_ROOT_ID: request.root_id},
+    )
+
+
+def _on_prerun(sender: object = None, task: Any = None, **_: Any) -> None:
+    state = _state
+    if state is None or task is None:
+        return
+    try:
+        if task.app not in state.apps:
+            return
+        request = task.request
+        setattr(request, _TOKEN, _CURRENT.set(_context_for(task, state)))
+    except Exception:
+        _log.exception("ctxrelay: could not bind the context of task %r", sender)
+
+
+def _on_postrun(sender: object = None, task: Any = None, **_: Any) -> None:
+    if task is None:
+        return
+    try:
+        token = task.request.__dict__.pop(_TOKEN, None)
+        if token is not None:
+            _CURRENT.reset(token)
+    except Exception:
+        _log.exception("ctxrelay: could not reset the context after task %r", sender)
