@@ -1,0 +1,124 @@
+"""RQ: the context is stored with the job and restored by the worker.
+
+RQ has no publish signal; its extension points are the job, queue and worker
+classes, so this module offers those:
+
+* :class:`RelayJob` captures the current context into ``job.meta["ctxrelay"]``
+  when the job is created -- ``enqueue``, ``enqueue_in``/``enqueue_at``,
+  ``enqueue_many``, dependents (created, and so captured, by the caller;
+  enqueued later by the worker) -- and, run by any worker, binds it around
+  the job function;
+* :class:`RelayWorker` / :class:`RelaySimpleWorker` bind it around the whole
+  job -- function, success and failure callbacks, and the worker's own log
+  lines about the job -- and reset it by token after, so nothing leaks into
+  the next job of a ``SimpleWorker`` (which runs every job in one process).
+
+The worker also binds ``job_id`` (worker-local: never forwarded to jobs the
+job enqueues).  A retried job (``Retry(max=...)``) is the same job, meta and
+all: it keeps its context.  Example::
+
+    from redis import Redis
+    from rq import Queue
+    import ctxrelay
+    from ctxrelay.integrations.rq import RelayJob
+
+    queue = Queue("orders", connection=Redis(), job_class=RelayJob)
+    with ctxrelay.bind(request_id="r-42"):
+        queue.enqueue("shop.jobs.confirm", "o-1")
+
+    # the worker:  rq worker orders --worker-class ctxrelay.integrations.rq.RelayWorker
+
+Signing: subclass :class:`RelayJob` with ``signer = Signer(secret)`` and use
+it on both sides (``job_class=`` and ``--job-class``); the worker then runs a
+job whose context is unsigned or tampered with an empty context and logs an
+error.  Malformed or oversized contexts run with an empty one and a warning.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any, ClassVar
+
+try:
+    from rq.executions import Execution
+    from rq.job import Job
+    from rq.queue import Queue
+    from rq.worker import SimpleWorker, Worker
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("ctxrelay.integrations.rq needs RQ: pip install 'ctxrelay[rq]'") from exc
+
+from .._context import _CURRENT, Context, use
+from .._signing import KEY, Signer, capture, restore, with_local
+
+__all__ = ["JOB_ID", "RelayJob", "RelaySimpleWorker", "RelayWorker", "RelayWorkerMixin"]
+
+#: The worker-local field holding the running job's id.
+JOB_ID = "job_id"
+
+# The id of the job whose context a RelayWorker already bound in this
+# context, so RelayJob.perform does not read (and log about) it twice.
+_bound_job: ContextVar[str | None] = ContextVar("ctxrelay.rq.job", default=None)
+
+
+class RelayJob(Job):
+    """A ``Job`` that carries the context of the code that created it.
+
+    ``signer``: set it in a subclass (``signer = Signer(secret)``) to sign the
+    carried context and refuse unsigned or tampered ones.
+    """
+
+    signer: ClassVar[Signer | None] = None
+
+    @classmethod
+    def create(cls, *args: Any, **kwargs: Any) -> Job:
+        """``Job.create``, plus the current context in ``job.meta``."""
+        job = super().create(*args, **kwargs)
+        carrier = capture(job.id, cls.signer)
+        if carrier:
+            job.meta[KEY] = carrier
+        return job
+
+    def relayed_context(self) -> Context:
+        """The context to run this job in: its carried one, plus ``job_id``."""
+        source = f"RQ job {str(self.id)[:100]!r}"
+        carried = self.meta.get(KEY) if isinstance(self.meta, dict) else None
+        return with_local(restore(carried, self.id, self.signer, source=source), {JOB_ID: self.id})
+
+    def perform(self) -> Any:
+        """Run the job function in the job's context (once, if a worker bound it)."""
+        if _bound_job.get() == self.id:
+            return super().perform()
+        with use(self.relayed_context()):
+            return super().perform()
+
+
+def _context_of(job: Job) -> Context:
+    if isinstance(job, RelayJob):
+        return job.relayed_context()
+    # A plain Job (created without RelayJob): no carried context.
+    return with_local(Context(), {JOB_ID: job.id})
+
+
+class RelayWorkerMixin:
+    """Binds each job's context around RQ's whole ``perform_job``; reset by token."""
+
+    job_class: type[Job] = RelayJob
+
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        token = _CURRENT.set(_context_of(job))
+        mark = _bound_job.set(job.id)
+        try:
+            result: bool = super().perform_job(job, queue, execution)  # type: ignore[misc]
+            return result
+        finally:
+            _bound_job.reset(mark)
+            _CURRENT.reset(token)
+
+
+class RelayWorker(RelayWorkerMixin, Worker):
+    """RQ's forking ``Worker``, relaying each job's context."""
+
+
+class RelaySimpleWorker(RelayWorkerMixin, SimpleWorker):
+    """RQ's ``SimpleWorker`` (every job in the worker process), relaying each
+    job's context and resetting it after, so none leaks into the next job."""

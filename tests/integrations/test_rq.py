@@ -1,0 +1,179 @@
+"""RQ: the context is stored with the job and restored, then reset, by real workers.
+
+Workers are ``rq worker`` processes on Redis: the forking ``RelayWorker`` and
+the one-process ``RelaySimpleWorker`` (where a leak into the next job would
+show).  Every job is signed (``rq_jobs.SignedJob``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+
+import ctxrelay
+from ctxrelay._signing import KEY, SIGNATURE, WORKER_FIELDS, Signer, capture
+from tests.brokers import WorkerProcess, flush_redis, need_redis, wait_until
+from tests.integrations import rq_jobs
+from tests.integrations.rq_jobs import SECRET, SignedJob
+
+pytestmark = pytest.mark.broker
+
+DB = 12
+RUN = uuid.uuid4().hex[:8]
+
+
+def relayed(fields: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in fields.items() if k not in WORKER_FIELDS}
+
+
+class RQWorker:
+    def __init__(self, queue: Queue, process: WorkerProcess) -> None:
+        self.queue = queue
+        self.process = process
+
+    def result(self, job: Job, timeout: float = 60) -> Any:
+        done = (JobStatus.FINISHED, JobStatus.FAILED)
+        wait_until(lambda: job.get_status(refresh=True) in done, f"job {job.id}", timeout)
+        assert job.get_status() == JobStatus.FINISHED, self.process.output()[-3000:]
+        return job.return_value(refresh=True)
+
+
+@pytest.fixture(scope="module")
+def connection() -> Iterator[redis.Redis]:
+    url = need_redis(DB)
+    conn = redis.Redis.from_url(url)
+    yield conn
+    flush_redis(DB)
+
+
+def _worker(tmp: Path, conn: redis.Redis, kind: str) -> Iterator[RQWorker]:
+    name = f"ctxrelay-rq-{kind}-{RUN}"
+    args = ["rq.cli", "worker", name, "--url", f"redis://127.0.0.1:6379/{DB}", "-n", name]
+    args += ["--worker-class", f"ctxrelay.integrations.rq.{kind}", "--with-scheduler"]
+    args += ["--job-class", "tests.integrations.rq_jobs.SignedJob"]
+    process = WorkerProcess(args, tmp / f"{kind}.log", {}).start()
+    try:
+        yield RQWorker(Queue(name, connection=conn, job_class=SignedJob), process)
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def simple(tmp_path_factory: pytest.TempPathFactory, connection: redis.Redis) -> Iterator[RQWorker]:
+    yield from _worker(tmp_path_factory.mktemp("rq"), connection, "RelaySimpleWorker")
+
+
+@pytest.fixture(scope="module")
+def forking(
+    tmp_path_factory: pytest.TempPathFactory, connection: redis.Redis
+) -> Iterator[RQWorker]:
+    yield from _worker(tmp_path_factory.mktemp("rq"), connection, "RelayWorker")
+
+
+@pytest.mark.parametrize("kind", ["simple", "forking"])
+def test_enqueue_carries_the_context_to_the_worker(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    worker: RQWorker = request.getfixturevalue(kind)
+    with ctxrelay.bind(request_id=f"r-rq-{kind}", tenant="acme"):
+        job = worker.queue.enqueue(rq_jobs.fields)
+    fields = worker.result(job)
+    assert relayed(fields) == {"request_id": f"r-rq-{kind}", "tenant": "acme"}
+    assert fields["job_id"] == job.id
+
+
+def test_job_enqueued_outside_any_context_sees_only_its_job_id(simple: RQWorker) -> None:
+    job = simple.queue.enqueue(rq_jobs.fields)
+    assert simple.result(job) == {"job_id": job.id}
+
+
+def test_back_to_back_jobs_in_one_process_do_not_bleed(simple: RQWorker) -> None:
+    expected: list[tuple[Job, dict[str, str]]] = []
+    for i in range(60):
+        if i % 3 == 0:
+            simple.queue.enqueue(rq_jobs.leaky)
+        if i % 2:
+            expected.append((simple.queue.enqueue(rq_jobs.where), {}))
+            continue
+        with ctxrelay.bind(request_id=f"rq-b-{i}", user=f"u{i}"):
+            job = simple.queue.enqueue(rq_jobs.where)
+        expected.append((job, {"request_id": f"rq-b-{i}", "user": f"u{i}"}))
+    outcomes = [(simple.result(job), fields) for job, fields in expected]
+    assert len({o["pid"] for o, _ in outcomes}) == 1  # one process ran them all
+    for outcome, fields in outcomes:
+        assert relayed(outcome["fields"]) == fields
+
+
+def test_retried_job_keeps_its_context(simple: RQWorker, tmp_path: Path) -> None:
+    with ctxrelay.bind(request_id="r-rq-retry"):
+        job = simple.queue.enqueue(
+            rq_jobs.fails_first, str(tmp_path / "marker"), retry=Retry(max=1, interval=1)
+        )
+    assert relayed(simple.result(job)) == {"request_id": "r-rq-retry"}
+
+
+def test_scheduled_job_keeps_its_context(simple: RQWorker) -> None:
+    with ctxrelay.bind(request_id="r-rq-later"):
+        job = simple.queue.enqueue_in(timedelta(seconds=1), rq_jobs.fields)
+    assert relayed(simple.result(job)) == {"request_id": "r-rq-later"}
+
+
+def test_dependent_job_keeps_its_creators_context(simple: RQWorker) -> None:
+    with ctxrelay.bind(request_id="r-rq-first"):
+        first = simple.queue.enqueue(rq_jobs.fields)
+    with ctxrelay.bind(request_id="r-rq-then"):
+        then = simple.queue.enqueue(rq_jobs.fields, depends_on=first)
+    assert relayed(simple.result(then)) == {"request_id": "r-rq-then"}
+    assert relayed(simple.result(first)) == {"request_id": "r-rq-first"}
+
+
+def test_job_enqueued_by_a_job_gets_the_context_and_its_own_job_id(simple: RQWorker) -> None:
+    with ctxrelay.bind(request_id="r-rq-parent"):
+        parent = simple.queue.enqueue(rq_jobs.enqueue_child)
+    child = SignedJob.fetch(simple.result(parent), connection=simple.queue.connection)
+    fields = simple.result(child)
+    assert fields == {"request_id": "r-rq-parent", "job_id": child.id}
+
+
+def _tampered(job_id: str) -> object:
+    with ctxrelay.bind(request_id="r-bad", user="ada"):
+        carrier = capture(job_id, Signer(SECRET))
+    carrier["baggage"] = carrier["baggage"].replace("ada", "root")
+    return carrier
+
+
+def _unsigned(job_id: str) -> object:
+    with ctxrelay.bind(request_id="r-bad"):
+        carrier = capture(job_id, Signer(SECRET))
+    del carrier[SIGNATURE]
+    return carrier
+
+
+BAD: dict[str, tuple[str, Callable[[str], object]]] = {
+    "not-a-mapping": ("malformed", lambda _: ["x-request-id", "r-bad"]),
+    "oversized": ("malformed", lambda _: {"baggage": "a=" + "x" * 50_000}),
+    "tampered": ("signature that does not match", _tampered),
+    "unsigned": ("no signature", _unsigned),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_context_runs_with_an_empty_one_and_a_log_line(simple: RQWorker, kind: str) -> None:
+    reason, make = BAD[kind]
+    job = simple.queue.create_job(rq_jobs.fields)
+    job.meta[KEY] = make(job.id)
+    simple.queue.enqueue_job(job)
+    assert simple.result(job) == {"job_id": job.id}
+    lines = [line for line in simple.process.output().splitlines() if job.id in line]
+    assert any("ctxrelay" in line and reason in line for line in lines), lines
+    with ctxrelay.bind(request_id="r-rq-after-bad"):
+        after = simple.queue.enqueue(rq_jobs.fields)
+    assert relayed(simple.result(after)) == {"request_id": "r-rq-after-bad"}
