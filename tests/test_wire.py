@@ -6,7 +6,7 @@ import logging
 import string
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -139,7 +139,6 @@ def test_extract_never_returns_a_request_id_that_could_split_a_header() -> None:
 
 
 @given(header_lines)
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_extract_over_arbitrary_header_lines_never_raises_and_returns_valid_fields(
     lines: list[tuple[str | bytes, str | bytes]],
 ) -> None:
