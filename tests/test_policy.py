@@ -132,3 +132,11 @@ def test_configure_swaps_the_policy_and_returns_the_previous_one() -> None:
 def test_configure_refuses_anything_but_a_policy() -> None:
     with pytest.raises(TypeError, match=r"ctxrelay\.Policy"):
         ctxrelay.configure({"capture": ["cookie"]})  # type: ignore[arg-type]
+
+
+def test_a_single_name_given_as_a_str_is_one_name_not_its_letters() -> None:
+    policy = ctxrelay.Policy(sensitive="x-key", local="tenant", capture="x-gray")  # type: ignore[arg-type]
+    assert policy.is_sensitive("x-key")
+    assert not policy.is_sensitive("x")
+    assert policy.local == frozenset({"tenant"})
+    assert policy.capture == frozenset({"x-gray"})

@@ -219,7 +219,8 @@ class Policy:
             if not _HEADER_FIELD.match(name):
                 raise ValueError(f"cannot capture header {name!r}: not a valid field name")
         object.__setattr__(self, "capture", capture)
-        object.__setattr__(self, "local", frozenset(self.local))
+        local = (self.local,) if isinstance(self.local, str) else self.local
+        object.__setattr__(self, "local", frozenset(local))
         routes = (self.routes,) if isinstance(self.routes, _Route) else tuple(self.routes)
         object.__setattr__(self, "routes", routes)
         peers = (self.trusted_peers,) if isinstance(self.trusted_peers, str) else self.trusted_peers
