@@ -1,0 +1,154 @@
+"""Dramatiq: a middleware carries the context in the message options.
+
+:class:`RelayMiddleware` writes the current context into
+``message.options["ctxrelay"]`` when a message is enqueued, binds it in the
+worker thread before the actor runs and resets it by token after -- after
+success, exception and skip -- so nothing leaks into the thread's next
+message.  The worker also binds ``message_id`` (worker-local: never forwarded).
+
+:func:`install` puts the middleware *first* in the broker's list.  Dramatiq
+runs ``before_*`` hooks in list order and ``after_*`` hooks in reverse, so
+every other middleware runs inside the context: the failure log line,
+``Retries`` re-enqueueing, ``Pipelines`` sending the next message, group
+callbacks.  A message enqueued again (a retry, a delayed message moving to
+its queue) keeps the context it already carries.  Example::
+
+    import dramatiq
+    from dramatiq.brokers.redis import RedisBroker
+    import ctxrelay
+    from ctxrelay.integrations.dramatiq import install
+
+    broker = RedisBroker(url="redis://127.0.0.1:6379/0")
+    install(broker)                   # in the sender and in the worker
+    dramatiq.set_broker(broker)
+
+    @dramatiq.actor
+    def confirm(order: str) -> None:
+        print(ctxrelay.request_id())  # "r-42", in the worker
+
+    with ctxrelay.bind(request_id="r-42"):
+        confirm.send("o-1")
+
+``secret=`` signs the context (an HMAC bound to the message id); a worker
+with the secret runs a message whose context is unsigned or tampered with an
+empty context and logs an error.  Malformed or oversized contexts run with
+an empty one and a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from contextvars import Token
+from typing import Any
+
+try:
+    from dramatiq import Broker, Message, Middleware
+    from dramatiq.broker import MessageProxy
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "ctxrelay.integrations.dramatiq needs Dramatiq: pip install 'ctxrelay[dramatiq]'"
+    ) from exc
+
+from .._context import _CURRENT, Context
+from .._signing import KEY, Secret, Signer, as_signer, capture, restore, with_local
+
+__all__ = ["MESSAGE_ID", "RelayMiddleware", "install", "uninstall"]
+
+_log = logging.getLogger("ctxrelay")
+
+#: The worker-local field holding the running message's id.
+MESSAGE_ID = "message_id"
+
+
+class RelayMiddleware(Middleware):
+    """Carries the context from ``send`` to the actor; see the module docs.
+
+    Prefer :func:`install`, which puts it first in the broker's list.
+    """
+
+    def __init__(self, *, secret: Signer | Secret | Sequence[Secret] | None = None) -> None:
+        self.signer = as_signer(secret)
+        # Worker threads process one message at a time: a per-thread stack of
+        # (message id, token) is enough, and exact.
+        self._local = threading.local()
+
+    def _tokens(self) -> list[tuple[str, Token[Context]]]:
+        tokens: list[tuple[str, Token[Context]]] | None = getattr(self._local, "tokens", None)
+        if tokens is None:
+            tokens = self._local.tokens = []
+        return tokens
+
+    def before_enqueue(self, broker: Broker, message: Message[Any], delay: int) -> None:
+        """Capture the context, unless the message already carries one (a retry)."""
+        try:
+            if KEY in message.options:
+                return
+            carrier = capture(message.message_id, self.signer)
+            if carrier:
+                message.options[KEY] = carrier
+        except Exception:
+            _log.exception("ctxrelay: could not put the context on a Dramatiq message")
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        """Bind the message's context (plus ``message_id``) in this worker thread."""
+        try:
+            message_id = message.message_id
+            source = f"Dramatiq message {str(message_id)[:100]!r}"
+            carried = message.options.get(KEY)
+            ctx = restore(carried, str(message_id), self.signer, source=source)
+            token = _CURRENT.set(with_local(ctx, {MESSAGE_ID: message_id}))
+            self._tokens().append((message_id, token))
+        except Exception:
+            _log.exception("ctxrelay: could not bind the context of a Dramatiq message")
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        """Reset the context by token, whatever the outcome."""
+        self._reset(message)
+
+    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
+        """Reset the context by token when a later middleware skipped the message."""
+        self._reset(message)
+
+    def _reset(self, message: MessageProxy) -> None:
+        tokens = self._tokens()
+        try:
+            while tokens:
+                message_id, token = tokens.pop()
+                _CURRENT.reset(token)
+                if message_id == message.message_id:
+                    break
+        except Exception:
+            _log.exception("ctxrelay: could not reset the context after a Dramatiq message")
+
+
+def install(
+    broker: Broker, *, secret: Signer | Secret | Sequence[Secret] | None = None
+) -> RelayMiddleware:
+    """Put a :class:`RelayMiddleware` first in ``broker``'s middleware.
+
+    Idempotent: an installed one is kept, with ``secret`` as its new secret.
+    """
+    for existing in broker.middleware:
+        if isinstance(existing, RelayMiddleware):
+            existing.signer = as_signer(secret)
+            return existing
+    middleware = RelayMiddleware(secret=secret)
+    if broker.middleware:
+        broker.add_middleware(middleware, before=type(broker.middleware[0]))
+    else:
+        broker.add_middleware(middleware)
+    return middleware
+
+
+def uninstall(broker: Broker) -> None:
+    """Remove every :class:`RelayMiddleware` from ``broker``.  Idempotent."""
+    broker.middleware[:] = [m for m in broker.middleware if not isinstance(m, RelayMiddleware)]
