@@ -1,0 +1,138 @@
+"""``RelayMiddleware`` for Starlette, FastAPI and any ASGI application.
+
+Pure ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` runs the app in
+another task, so a context set inside it does not flow back out (starlette
+#1525).  Here the context is bound in the server's own task around the whole
+call, so everything the framework runs for the request inherits it:
+
+* async endpoints run in that task;
+* sync endpoints and dependencies run via ``anyio.to_thread``, which copies
+  the context into the worker thread (fastapi #953);
+* ``BackgroundTasks`` run inside the same call, after the body is sent;
+* streaming and SSE bodies are iterated in child tasks, which copy it;
+* exception handlers: wrap the *outermost* app (``app = RelayMiddleware(api)``)
+  so Starlette's ``ServerErrorMiddleware`` and ``exception_handler(500)`` run
+  inside the binding and the 500 carries the id (asgi-correlation-id #55/#104).
+
+Usage::
+
+    from fastapi import FastAPI
+    from ctxrelay.integrations.asgi import RelayMiddleware
+
+    api = FastAPI()
+    app = RelayMiddleware(api)              # outermost: covers 500 handlers too
+    # or: api.add_middleware(RelayMiddleware)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .._context import _CURRENT, REQUEST_ID
+from ._door import Door, RequestIdValidator, open_asgi, valid_request_id
+
+__all__ = ["RelayMiddleware", "valid_request_id"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_errors = logging.getLogger("ctxrelay.asgi")
+
+# The messages that open a response and may carry its headers.
+_STARTS = ("http.response.start", "websocket.accept")
+
+
+class RelayMiddleware:
+    """Bind a request's ``Context`` (fields, request id, snapshot) for its whole
+    ASGI call, and reset it by token when the call ends -- on success, on an
+    exception and on client disconnect (cancellation) alike.
+
+    ``header_name``
+        The request-id header (default: the policy's, ``x-request-id``).
+    ``validator``
+        ``callable(str) -> bool``: keep an inbound id?  The default accepts
+        1-128 characters of ``A-Z a-z 0-9 . _ : -``; anything else is
+        replaced by a new UUID4 hex (logged at debug level).
+    ``echo``
+        Send the request id back as a response header (and on a websocket
+        accept).
+    ``log_errors``
+        Log an exception that escapes the app on logger ``ctxrelay.asgi``
+        while the context is still bound, so that line carries the request id
+        (the server's own "Exception in ASGI application" line runs after the
+        reset and cannot).
+
+    ``lifespan`` and other scope types pass through untouched.
+    """
+
+    __slots__ = ("_door", "app", "echo", "log_errors")
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        header_name: str | None = None,
+        validator: RequestIdValidator | None = None,
+        echo: bool = True,
+        log_errors: bool = True,
+    ) -> None:
+        self.app = app
+        self._door = Door(header_name, validator)
+        self.echo = echo
+        self.log_errors = log_errors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope.get("type")
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)  # lifespan: untouched
+            return
+        ctx = open_asgi(self._door, scope)
+        if self.echo:
+            send = _echoing(send, self._door.header_name, ctx[REQUEST_ID])
+        token = _CURRENT.set(ctx)
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            if self.log_errors:
+                _log_error(scope)
+            raise
+        finally:
+            _CURRENT.reset(token)
+
+
+def _echoing(send: Send, name: str, request_id: str) -> Send:
+    header = (name.encode("latin-1"), request_id.encode("latin-1"))
+
+    async def send_with_id(message: Message) -> None:
+        if message.get("type") in _STARTS:
+            message = _with_header(message, header)
+        await send(message)
+
+    return send_with_id
+
+
+def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
+    # A copy: the app may reuse its message dict.  An id the app set itself wins.
+    try:
+        headers = list(message.get("headers") or ())
+        if any(bytes(key).lower() == header[0] for key, _ in headers):
+            return message
+    except (TypeError, ValueError):
+        return message  # the server will judge malformed headers, not us
+    headers.append(header)
+    return {**message, "headers": headers}
+
+
+def _log_error(scope: Scope) -> None:
+    # logging reports its own handler failures (Handler.handleError): no guard.
+    _errors.error(
+        "unhandled exception in %s %s",
+        scope.get("method", "WEBSOCKET"),
+        scope.get("path", "?"),
+        exc_info=True,
+    )

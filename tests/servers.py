@@ -1,0 +1,117 @@
+"""Real servers on 127.0.0.1, run in-process on a free port, for the web tests.
+
+``serve_asgi(app)`` runs uvicorn, ``serve_wsgi(app)`` runs waitress (a real
+threaded WSGI server: its worker threads serve request after request, which
+is what the WSGI tests need to prove nothing leaks from one to the next).
+Each yields the base URL and stops the server on exit; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+import waitress.server  # type: ignore[import-untyped]
+
+import ctxrelay
+
+__all__ = ["RecordingHandler", "recording", "serve_asgi", "serve_wsgi"]
+
+_START_TIMEOUT = 20.0
+
+
+def _wait_for(ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start within {_START_TIMEOUT} s")
+        time.sleep(0.01)
+
+
+@contextmanager
+def serve_asgi(app: Any, **config: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1:<free port>; yield the base URL."""
+    options: dict[str, Any] = {"log_level": "warning", "lifespan": "off", "access_log": False}
+    options.update(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, **options))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: server.started or not thread.is_alive(), "uvicorn")
+        if not server.started:
+            raise RuntimeError("uvicorn failed to start")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+@contextmanager
+def serve_wsgi(app: Any, *, threads: int = 8) -> Iterator[str]:
+    """Serve ``app`` with waitress (``threads`` workers) on 127.0.0.1:<free port>."""
+    server = waitress.server.create_server(
+        app, host="127.0.0.1", port=0, threads=threads, connection_limit=1000, backlog=1024
+    )
+    port = server.effective_port
+    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        thread.join(timeout=15)
+
+
+class RecordingHandler(logging.Handler):
+    """Keeps ``(message, request id bound when it was logged)`` for each record.
+
+    ``logging`` calls handlers in the thread and context that logged, so the
+    id seen here is the one a context filter would stamp on the line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[str, str | None]] = []
+        self.records: list[logging.LogRecord] = []
+        self._changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = (record.getMessage(), ctxrelay.request_id())
+        with self._changed:
+            self.lines.append(line)
+            self.records.append(record)
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> None:
+        """Wait (bounded) until a line whose message matches ``predicate`` arrives:
+        a server may log after the client already has its response."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(predicate(message) for message, _ in self.lines):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no matching log line within {timeout} s")
+                self._changed.wait(left)
+
+
+@contextmanager
+def recording(*names: str, level: int = logging.INFO) -> Iterator[RecordingHandler]:
+    """Attach a :class:`RecordingHandler` to loggers ``names`` for the block."""
+    handler = RecordingHandler()
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(level)
+    try:
+        yield handler
+    finally:
+        for lg, lvl in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(lvl)
