@@ -8,19 +8,43 @@ Each yields the base URL and stops the server on exit; every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import uvicorn
 import waitress.server  # type: ignore[import-untyped]
 
 import ctxrelay
 
-__all__ = ["RecordingHandler", "recording", "serve_asgi", "serve_wsgi"]
+__all__ = [
+    "CONNECTIONS",
+    "WAIT",
+    "Mailbox",
+    "RecordingHandler",
+    "fire",
+    "new_id",
+    "recording",
+    "serve_asgi",
+    "serve_wsgi",
+]
+
+#: Requests in flight at once in the concurrency tests (the rest wait their turn).
+CONNECTIONS = 64
+#: Seconds: the upper bound of every wait on background work.
+WAIT = 10.0
+
+
+def new_id(prefix: str = "req") -> str:
+    """A fresh, distinct request id the tests send."""
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
 
 _START_TIMEOUT = 20.0
 
@@ -115,3 +139,60 @@ def recording(*names: str, level: int = logging.INFO) -> Iterator[RecordingHandl
         for lg, lvl in zip(loggers, saved, strict=True):
             lg.removeHandler(handler)
             lg.setLevel(lvl)
+
+
+class Mailbox:
+    """Results posted by work that runs after the response, with bounded waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.items: dict[str, Any] = {}
+        self.gates: dict[str, threading.Event] = {}
+
+    def gate(self, key: str) -> threading.Event:
+        with self._cond:
+            return self.gates.setdefault(key, threading.Event())
+
+    def post(self, key: str, value: Any) -> None:
+        with self._cond:
+            self.items[key] = value
+            self._cond.notify_all()
+
+    def wait(self, keys: list[str]) -> dict[str, Any]:
+        deadline = time.monotonic() + WAIT
+        with self._cond:
+            while not all(k in self.items for k in keys):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = [k for k in keys if k not in self.items]
+                    raise AssertionError(f"{len(missing)} results never arrived: {missing[:3]}")
+                self._cond.wait(left)
+            return {k: self.items[k] for k in keys}
+
+
+def fire(
+    url: str,
+    path: str,
+    count: int,
+    params: Callable[[str], dict[str, str]] | None = None,
+    header: str = "x-request-id",
+) -> list[tuple[str, httpx.Response]]:
+    """Send ``count`` GET requests at once, each with its own new id in
+    ``header``; return ``(id, response)`` pairs.  At most :data:`CONNECTIONS`
+    are on the wire at a time (the semaphore also keeps httpcore's pool from
+    queueing, which is slow with hundreds waiting)."""
+
+    async def main() -> list[tuple[str, httpx.Response]]:
+        limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
+        slots = asyncio.Semaphore(CONNECTIONS)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+            async def one() -> tuple[str, httpx.Response]:
+                rid = new_id()
+                query = params(rid) if params else None
+                async with slots:
+                    return rid, await client.get(path, headers={header: rid}, params=query)
+
+            return await asyncio.gather(*(one() for _ in range(count)))
+
+    return asyncio.run(main())

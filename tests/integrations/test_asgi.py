@@ -14,9 +14,8 @@ import asyncio
 import json
 import logging
 import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from typing import Any
 
 import httpx
@@ -35,49 +34,13 @@ import ctxrelay
 from ctxrelay import _policy
 from ctxrelay._request import MAX_HEADER_BYTES, MAX_HEADERS
 from ctxrelay.integrations.asgi import RelayMiddleware, valid_request_id
-from tests.servers import recording, serve_asgi
+from tests.servers import WAIT, Mailbox, fire, new_id, recording, serve_asgi
 
 log = logging.getLogger("tests.web.asgi")
 
 N_CONCURRENT = 500
-CONNECTIONS = 64  # requests in flight at once (the rest wait their turn)
-WAIT = 10.0  # seconds: upper bound of every wait on a background thread
 
 Scope = MutableMapping[str, Any]
-
-
-def new_id(prefix: str = "req") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:16]}"
-
-
-# -- what background work saw, keyed by the id the test sent -----------------
-class Mailbox:
-    """Results posted by work that runs after the response, with bounded waits."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self.items: dict[str, Any] = {}
-        self.gates: dict[str, threading.Event] = {}
-
-    def gate(self, key: str) -> threading.Event:
-        with self._cond:
-            return self.gates.setdefault(key, threading.Event())
-
-    def post(self, key: str, value: Any) -> None:
-        with self._cond:
-            self.items[key] = value
-            self._cond.notify_all()
-
-    def wait(self, keys: list[str]) -> dict[str, Any]:
-        deadline = time.monotonic() + WAIT
-        with self._cond:
-            while not all(k in self.items for k in keys):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    missing = [k for k in keys if k not in self.items]
-                    raise AssertionError(f"{len(missing)} results never arrived: {missing[:3]}")
-                self._cond.wait(left)
-            return {k: self.items[k] for k in keys}
 
 
 def seen() -> dict[str, Any]:
@@ -382,42 +345,11 @@ def test_fire_and_forget_work_reads_headers_and_cookies_after_the_response(
 
 
 # -- concurrency -----------------------------------------------------------------
-async def fire(
-    url: str,
-    path: str,
-    count: int,
-    params: Callable[[str], dict[str, str]] | None = None,
-    header: str = "x-request-id",
-) -> list[tuple[str, httpx.Response]]:
-    """Send ``count`` requests, each with its own new id, all at once."""
-    limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
-    # The semaphore keeps httpcore's pool from queueing (its queue is slow).
-    slots = asyncio.Semaphore(CONNECTIONS)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-
-        async def one() -> tuple[str, httpx.Response]:
-            rid = new_id()
-            query = params(rid) if params else None
-            async with slots:
-                return rid, await client.get(path, headers={header: rid}, params=query)
-
-        return await asyncio.gather(*(one() for _ in range(count)))
-
-
-def run_concurrently(coro: Awaitable[list[tuple[str, httpx.Response]]]) -> Any:
-    async def main() -> list[tuple[str, httpx.Response]]:
-        return await coro
-
-    return asyncio.run(main())
-
-
 def test_500_concurrent_requests_each_see_only_their_own_id_everywhere(
     wrapped_url: str, box: Mailbox
 ) -> None:
     with recording("tests.web.asgi") as logs:
-        results = run_concurrently(
-            fire(wrapped_url, "/work", N_CONCURRENT, params=lambda rid: {"key": "bg-" + rid})
-        )
+        results = fire(wrapped_url, "/work", N_CONCURRENT, params=lambda rid: {"key": "bg-" + rid})
     ids = [rid for rid, _ in results]
     assert len(set(ids)) == N_CONCURRENT
     for rid, response in results:
@@ -431,7 +363,7 @@ def test_500_concurrent_requests_each_see_only_their_own_id_everywhere(
 
 
 def test_500_concurrent_streams_each_chunk_carries_its_own_id(wrapped_url: str) -> None:
-    results = run_concurrently(fire(wrapped_url, "/stream", N_CONCURRENT))
+    results = fire(wrapped_url, "/stream", N_CONCURRENT)
     for rid, response in results:
         assert response.text.splitlines() == [f"{i} {rid}" for i in range(3)]
 
@@ -474,8 +406,8 @@ def test_starlette_500_concurrent_requests_and_background_tasks_see_their_own_id
     box: Mailbox,
 ) -> None:
     with serve_asgi(make_starlette(box)) as url:
-        results = run_concurrently(
-            fire(url, "/async", N_CONCURRENT, lambda rid: {"key": "s-" + rid}, "x-correlation-id")
+        results = fire(
+            url, "/async", N_CONCURRENT, lambda rid: {"key": "s-" + rid}, "x-correlation-id"
         )
     for rid, response in results:
         assert response.text == rid

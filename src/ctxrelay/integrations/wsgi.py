@@ -1,0 +1,135 @@
+"""``RelayMiddleware`` for Flask and any WSGI application.
+
+A threaded WSGI server (waitress, gunicorn's gthread, ``wsgiref`` with a
+``ThreadingMixIn``) serves request after request on the same worker thread.
+The binding is reset by token when the request ends, so a worker never
+carries one request's context into the next.
+
+The response body of a WSGI app is iterated by the *server*, after the app
+returned (a streamed Flask response, a generator).  The middleware therefore
+binds the request's context around each step of that iteration and around
+``close()`` as well, resetting it in between.
+
+Usage::
+
+    from flask import Flask
+    from ctxrelay.integrations.wsgi import RelayMiddleware
+
+    app = Flask(__name__)
+    app.wsgi_app = RelayMiddleware(app.wsgi_app)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .._context import _CURRENT, REQUEST_ID, Context
+from ._door import Door, RequestIdValidator, open_wsgi, valid_request_id
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["RelayMiddleware", "valid_request_id"]
+
+_errors = logging.getLogger("ctxrelay.wsgi")
+
+
+class RelayMiddleware:
+    """Bind a request's ``Context`` (fields, request id, snapshot) while the
+    WSGI app runs and while the server iterates and closes its body; reset by
+    token after each.
+
+    ``header_name``, ``validator``, ``echo`` and ``log_errors`` mean what they
+    mean for :class:`ctxrelay.integrations.asgi.RelayMiddleware`.
+    """
+
+    __slots__ = ("_door", "app", "echo", "log_errors")
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        header_name: str | None = None,
+        validator: RequestIdValidator | None = None,
+        echo: bool = True,
+        log_errors: bool = True,
+    ) -> None:
+        self.app = app
+        self._door = Door(header_name, validator)
+        self.echo = echo
+        self.log_errors = log_errors
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        ctx = open_wsgi(self._door, environ)
+        if self.echo:
+            start_response = _echoing(start_response, self._door.header_name, ctx[REQUEST_ID])
+        token = _CURRENT.set(ctx)
+        try:
+            body = self.app(environ, start_response)
+        except Exception:
+            if self.log_errors:
+                _errors.error(
+                    "unhandled exception in %s %s",
+                    environ.get("REQUEST_METHOD", "?"),
+                    environ.get("PATH_INFO", "?"),
+                    exc_info=True,
+                )
+            raise
+        finally:
+            _CURRENT.reset(token)
+        if isinstance(body, (list, tuple)):
+            return body  # nothing left to run: no user code in a list
+        return BoundBody(body, ctx)
+
+
+def _echoing(start_response: StartResponse, name: str, request_id: str) -> StartResponse:
+    def start_with_id(
+        status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+    ) -> Any:
+        # An id the app set itself wins.
+        if not any(key.lower() == name for key, _ in headers):
+            headers = [*headers, (name, request_id)]
+        return start_response(status, headers, exc_info)
+
+    return start_with_id
+
+
+class BoundBody:
+    """A WSGI body iterated (and closed) with the request's context bound.
+
+    Each ``next()`` and the ``close()`` bind and reset on their own, in the
+    thread that calls them, so nothing stays bound between two steps.
+    """
+
+    __slots__ = ("_body", "_ctx", "_iter")
+
+    def __init__(self, body: Iterable[bytes], ctx: Context) -> None:
+        self._body = body
+        self._ctx = ctx
+        self._iter: Iterator[bytes] | None = None
+
+    def __iter__(self) -> BoundBody:
+        return self
+
+    def __next__(self) -> bytes:
+        token = _CURRENT.set(self._ctx)
+        try:
+            if self._iter is None:
+                self._iter = iter(self._body)
+            return next(self._iter)
+        finally:
+            _CURRENT.reset(token)
+
+    def close(self) -> None:
+        """Close the wrapped body (PEP 3333) with the context bound."""
+        close = getattr(self._body, "close", None)
+        if close is None:
+            return
+        token = _CURRENT.set(self._ctx)
+        try:
+            close()
+        finally:
+            _CURRENT.reset(token)
