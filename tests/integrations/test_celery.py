@@ -394,9 +394,13 @@ def test_bad_relay_headers_run_with_an_empty_context_and_a_log_line(
     with _relay_off():
         result = solo.app.send_task("t.fields", task_id=task_id, headers={KEY: carrier})
     assert result.get(timeout=TIMEOUT) == {"task_id": task_id, "task_root_id": task_id}
-    wait_until(lambda: task_id in solo.process.output(), "the worker's log line")
-    lines = [line for line in solo.process.output().splitlines() if task_id in line]
-    assert any("ctxrelay" in line and reason in line for line in lines), lines
+
+    # The worker's log reaches its file asynchronously: wait for the line.
+    def logged() -> bool:
+        lines = solo.process.output().splitlines()
+        return any(task_id in line and "ctxrelay" in line and reason in line for line in lines)
+
+    wait_until(logged, "the worker's log line about the bad context")
     # ... and the worker keeps serving.
     with ctxrelay.bind(request_id="r-after-bad"):
         assert relayed(solo.run("t.fields")) == {"request_id": "r-after-bad"}

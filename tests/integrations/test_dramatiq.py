@@ -18,7 +18,7 @@ from dramatiq import Message
 import ctxrelay
 from ctxrelay._signing import KEY, SIGNATURE, WORKER_FIELDS, Signer, capture
 from ctxrelay.integrations.dramatiq import RelayMiddleware, install, uninstall
-from tests.brokers import WorkerProcess, flush_redis, need_redis
+from tests.brokers import WorkerProcess, flush_redis, need_redis, wait_until
 from tests.integrations.dramatiq_app import SECRET, make_broker
 
 pytestmark = pytest.mark.broker
@@ -146,8 +146,15 @@ def test_bad_context_runs_with_an_empty_one_and_a_log_line(
     message.options[KEY] = make(message.message_id)  # kept as is: it already carries one
     actor.broker.enqueue(message)
     assert worker.result(message) == {"message_id": message.message_id}
-    lines = [line for line in worker.process.output().splitlines() if message.message_id in line]
-    assert any("ctxrelay" in line and reason in line for line in lines), lines
+
+    # The worker's log reaches its file asynchronously: wait for the line.
+    def logged() -> bool:
+        lines = worker.process.output().splitlines()
+        return any(
+            message.message_id in line and "ctxrelay" in line and reason in line for line in lines
+        )
+
+    wait_until(logged, "the worker's log line about the bad context")
     with ctxrelay.bind(request_id="r-dq-after-bad"):
         after = actor.send()
     assert relayed(worker.result(after)) == {"request_id": "r-dq-after-bad"}

@@ -172,8 +172,13 @@ def test_bad_context_runs_with_an_empty_one_and_a_log_line(simple: RQWorker, kin
     job.meta[KEY] = make(job.id)
     simple.queue.enqueue_job(job)
     assert simple.result(job) == {"job_id": job.id}
-    lines = [line for line in simple.process.output().splitlines() if job.id in line]
-    assert any("ctxrelay" in line and reason in line for line in lines), lines
+
+    # The worker's log reaches its file asynchronously: wait for the line.
+    def logged() -> bool:
+        lines = simple.process.output().splitlines()
+        return any(job.id in line and "ctxrelay" in line and reason in line for line in lines)
+
+    wait_until(logged, "the worker's log line about the bad context")
     with ctxrelay.bind(request_id="r-rq-after-bad"):
         after = simple.queue.enqueue(rq_jobs.fields)
     assert relayed(simple.result(after)) == {"request_id": "r-rq-after-bad"}
