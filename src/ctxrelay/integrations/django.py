@@ -1,0 +1,155 @@
+"""``RelayMiddleware`` for Django, under WSGI and ASGI, sync and async views.
+
+Put it first in ``MIDDLEWARE`` so everything after it -- other middleware,
+the view, Django's own "Internal Server Error" log line -- runs with the
+request's context bound::
+
+    MIDDLEWARE = [
+        "ctxrelay.integrations.django.RelayMiddleware",
+        ...
+    ]
+    CTXRELAY = {                              # optional
+        "header_name": "x-correlation-id",    # default: the policy's, x-request-id
+        "validator": "myproject.ids.accept",  # a callable or its dotted path
+        "echo": True,                         # send the id back on the response
+    }
+
+The middleware is both sync and async capable, so Django never adapts it
+(an adaptation would run it in another thread or task).  A streamed body is
+iterated by the handler after the middleware returned, so its iterator is
+wrapped to bind the context around each chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any
+
+try:
+    from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+    from django.conf import settings  # type: ignore[import-untyped]
+    from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
+    from django.http import FileResponse  # type: ignore[import-untyped]
+    from django.utils.module_loading import import_string  # type: ignore[import-untyped]
+except ImportError as exc:  # pragma: no cover - exercised without Django only
+    raise ImportError(
+        "ctxrelay.integrations.django needs Django: pip install 'ctxrelay[django]'"
+    ) from exc
+
+from .._context import _CURRENT, REQUEST_ID, Context
+from ._door import Door, open_asgi, open_wsgi
+
+__all__ = ["RelayMiddleware", "door_from_settings"]
+
+_KEYS = frozenset({"header_name", "validator", "echo"})
+
+
+def door_from_settings() -> tuple[Door, bool]:
+    """The door and the echo flag configured by ``settings.CTXRELAY``.
+
+    A misconfiguration raises ``ImproperlyConfigured`` at start-up, where it
+    belongs, never on a request.
+    """
+    config: Any = getattr(settings, "CTXRELAY", None) or {}
+    if not isinstance(config, dict):
+        raise ImproperlyConfigured("settings.CTXRELAY must be a dict")
+    unknown = set(config) - _KEYS
+    if unknown:
+        raise ImproperlyConfigured(
+            f"settings.CTXRELAY: unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}"
+        )
+    validator = config.get("validator")
+    if isinstance(validator, str):
+        validator = import_string(validator)
+    echo = config.get("echo", True)
+    if not isinstance(echo, bool):
+        raise ImproperlyConfigured("settings.CTXRELAY['echo'] must be True or False")
+    try:
+        door = Door(config.get("header_name"), validator)
+    except TypeError as exc:
+        raise ImproperlyConfigured(f"settings.CTXRELAY: {exc}") from exc
+    return door, echo
+
+
+class RelayMiddleware:
+    """Bind the request's ``Context`` (fields, request id, snapshot) for the
+    rest of the middleware chain and the view; reset by token afterwards.
+
+    Under ASGI the snapshot is taken from the ASGI scope, under WSGI from the
+    environ, so both servers give the same values.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+        self._door, self._echo = door_from_settings()
+        self._async = iscoroutinefunction(get_response)
+        if self._async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: Any) -> Any:
+        if self._async:
+            return self._acall(request)
+        ctx = self._open(request)
+        token = _CURRENT.set(ctx)
+        try:
+            response = self.get_response(request)
+        finally:
+            _CURRENT.reset(token)
+        return self._finish(response, ctx)
+
+    async def _acall(self, request: Any) -> Any:
+        ctx = self._open(request)
+        token = _CURRENT.set(ctx)
+        try:
+            response = await self.get_response(request)
+        finally:
+            _CURRENT.reset(token)
+        return self._finish(response, ctx)
+
+    def _open(self, request: Any) -> Context:
+        scope = getattr(request, "scope", None)  # ASGIRequest keeps the raw scope
+        if isinstance(scope, dict):
+            return open_asgi(self._door, scope)
+        return open_wsgi(self._door, request.META)
+
+    def _finish(self, response: Any, ctx: Context) -> Any:
+        name = self._door.header_name
+        if self._echo and name not in response.headers:  # an id the view set wins
+            response.headers[name] = ctx[REQUEST_ID]
+        if getattr(response, "streaming", False) and not isinstance(response, FileResponse):
+            # FileResponse runs no user code, and wrapping would cost it sendfile.
+            content = response.streaming_content
+            if hasattr(content, "__aiter__"):
+                response.streaming_content = _bound_aiter(ctx, content)
+            else:
+                response.streaming_content = _bound_iter(ctx, content)
+        return response
+
+
+def _bound_iter(ctx: Context, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    it = iter(chunks)
+    while True:
+        token = _CURRENT.set(ctx)  # bound for this step only, reset before yielding
+        try:
+            chunk = next(it)
+        except StopIteration:
+            return
+        finally:
+            _CURRENT.reset(token)
+        yield chunk
+
+
+async def _bound_aiter(ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    it = aiter(chunks)
+    while True:
+        token = _CURRENT.set(ctx)
+        try:
+            chunk = await anext(it)
+        except StopAsyncIteration:
+            return
+        finally:
+            _CURRENT.reset(token)
+        yield chunk

@@ -1,0 +1,1 @@
+"""A minimal Django project for the door tests: settings, urls, views."""
