@@ -470,3 +470,19 @@ def test_two_apps_with_different_secrets_are_refused() -> None:
     finally:
         uninstall(first)
         uninstall(second)
+
+
+# -- the signature itself ------------------------------------------------------
+def test_signer_rotation_signs_with_the_first_secret_and_accepts_any() -> None:
+    old, new = "old-secret-0123456789", "new-secret-0123456789"
+    with ctxrelay.bind(request_id="r-rotate"):
+        by_old = capture("task-1", Signer(old))
+    rotating = Signer([new, old])
+    assert rotating.verify(by_old, "task-1")
+    assert not rotating.verify(by_old, "task-2")  # bound to the message id
+    assert not Signer(new).verify(by_old, "task-1")
+
+
+def test_signer_refuses_a_short_secret() -> None:
+    with pytest.raises(ValueError, match="16 bytes"):
+        Signer("short")
