@@ -88,6 +88,9 @@ def _worker(
         yield worker
     finally:
         worker.process.stop()
+        if broker.startswith("amqp"):  # Redis queues go with the flushed database
+            with worker.app.connection_for_write() as connection:
+                connection.default_channel.queue_delete(worker.app.conf.task_default_queue)
         uninstall(worker.app)
         _apps.remove(worker.app)
 
