@@ -1,13 +1,15 @@
 """What the in-process relay costs, side by side with the alternatives.
 
-Three measurements, each printed as a Markdown table:
+Four measurements, each printed as a Markdown table:
 
 1. **Round trip** -- ``pool.submit(noop).result()`` one task at a time, the
    way a request handler fans out and waits.  Waking a worker thread
    dominates, so a relay's cost mostly hides in the noise.
 2. **Pipelined** -- submit 200 no-op tasks, then wait for all: the per-task
    cost where the relay's own work shows.
-3. **Micro** -- ``current()``, ``get()``, ``bind()`` enter+exit, ``wrap``,
+3. **Where it goes** -- CPU time per task on the submitting side (workers
+   held) and on the running side, so a relay's cost can be located.
+4. **Micro** -- ``current()``, ``get()``, ``bind()`` enter+exit, ``wrap``,
    and the ``contextvars`` operations they build on, with the cost of an empty
    loop subtracted.
 
@@ -20,10 +22,10 @@ runs one short sample of each, in an order rotated by one place per
 repetition, so drift on a shared machine hits all of them alike.  Samples are
 short and repetitions many, because a pool with more threads than cores
 switches between a fast and a slow regime from batch to batch (GIL hand-offs);
-the ratios are medians of per-repetition ratios (variant / bare in the same
-repetition), which that noise does not bias.
+the ratios are medians of per-repetition ratios (variant / reference in the
+same repetition), which that drift does not bias.
 
-Run: ``python bench/bench_relay.py`` (about a minute) or ``--quick``.
+Run: ``python bench/bench_relay.py`` (70-90 s) or ``--quick`` (under 1 s).
 """
 
 from __future__ import annotations
