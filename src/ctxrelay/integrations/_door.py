@@ -141,11 +141,15 @@ class Door:
 
 
 def header_from_asgi(scope: Mapping[str, Any], name: bytes) -> str | None:
-    """The first value of header ``name`` in an ASGI scope, raw, or ``None``."""
+    """The first value of header ``name`` in an ASGI scope, raw, or ``None``.
+
+    ASGI servers send lowercase names (the spec requires it); a malformed
+    entry is skipped.
+    """
     for pair in scope.get("headers") or ():
         try:
             key, value = pair
-            if bytes(key).lower() == name:
+            if key == name:
                 return bytes(value).decode("latin-1")
         except (TypeError, ValueError):
             continue
