@@ -1,0 +1,77 @@
+"""loguru: a patcher that puts the request's fields in ``record["extra"]``.
+
+Use it for the whole process with ``logger.configure(patcher=patcher)``, or
+for one logger with ``logger.patch(patcher)``.  It reads the one ctxrelay
+``ContextVar`` per message; sensitive fields (``cookie``, ``authorization``,
+the names of :class:`ctxrelay.Policy`) carry ``***``.  ``request_id`` (and any
+field declared with ``fields=``) is always in ``extra`` -- ``"-"`` outside a
+request -- so a format such as ``"{extra[request_id]} {message}"`` never
+fails.  Example::
+
+    from loguru import logger
+    import ctxrelay
+    from ctxrelay.integrations.loguru import patcher
+
+    logger.configure(patcher=patcher)
+    logger.add(sys.stderr, format="{level} [{extra[request_id]}] {message}")
+    with ctxrelay.bind(request_id="r-1"):
+        logger.info("paid")  # INFO [r-1] paid
+
+With ``serialize=True`` the fields appear in the JSON under ``extra``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+try:
+    import loguru  # noqa: F401  # only the record is needed, but say which extra is missing
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "ctxrelay.integrations.loguru needs loguru: pip install 'ctxrelay[loguru]'"
+    ) from exc
+
+from .._context import REQUEST_ID, Context, validate_field
+from .._policy import Policy
+from .logging import DEFAULT, PerContext, masked_fields, request_attributes, request_values
+
+if TYPE_CHECKING:
+    from loguru import Record
+
+__all__ = ["ContextPatcher", "patcher"]
+
+
+class ContextPatcher:
+    """A loguru patcher: the current context's fields into ``record["extra"]``.
+
+    Values already in ``extra`` win (``logger.bind(...)``,
+    ``logger.contextualize(...)``).  ``fields`` are names always present,
+    ``default`` when the context lacks them (``request_id`` always is);
+    ``request`` names snapshot attributes (``"method"``, ``"path"``, ...)
+    added as ``request_<attr>``.
+    """
+
+    def __init__(
+        self, *, fields: Iterable[str] = (), request: Iterable[str] = (), default: str = DEFAULT
+    ) -> None:
+        self.fields = (REQUEST_ID, *(name for name in fields if name != REQUEST_ID))
+        for name in self.fields:
+            validate_field(name, "")
+        self.request = request_attributes(request)
+        self.default = default
+        self._cache: PerContext[dict[str, Any]] = PerContext(self._extra)
+
+    def _extra(self, ctx: Context, policy: Policy) -> dict[str, Any]:
+        defaults = dict.fromkeys(self.fields, self.default)
+        defaults.update((f"request_{attr}", self.default) for attr in self.request)
+        return {**defaults, **masked_fields(ctx, policy), **request_values(ctx, self.request)}
+
+    def __call__(self, record: Record) -> None:
+        # A new dict each message: the prepared one is shared by every
+        # message of this context.
+        record["extra"] = {**self._cache.current(), **record["extra"]}
+
+
+#: The patcher with default settings: every field, ``request_id`` always.
+patcher = ContextPatcher()
