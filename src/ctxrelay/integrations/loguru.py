@@ -69,8 +69,11 @@ class ContextPatcher:
 
     def __call__(self, record: Record) -> None:
         # A new dict each message: the prepared one is shared by every
-        # message of this context.
-        record["extra"] = {**self._cache.current(), **record["extra"]}
+        # message of this context.  copy() clones the prepared dict's table
+        # whole, faster than {**a, **b}.
+        extra = self._cache.current().copy()
+        extra.update(record["extra"])
+        record["extra"] = extra
 
 
 #: The patcher with default settings: every field, ``request_id`` always.

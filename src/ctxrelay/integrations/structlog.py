@@ -70,8 +70,11 @@ class MergeContext:
         event_dict: structlog.typing.EventDict,
     ) -> structlog.typing.EventDict:
         # A new dict each time: the prepared one is shared by every event of
-        # this context, and later processors change the event dict.
-        return {**self._cache.current(), **event_dict}
+        # this context, and later processors change the event dict.  copy()
+        # clones the prepared dict's table whole, faster than {**a, **b}.
+        merged = self._cache.current().copy()
+        merged.update(event_dict)
+        return merged
 
 
 #: The processor with default settings: every field, at the top level.
