@@ -119,3 +119,57 @@ def test_drop_ins_under_instrument_capture_once_and_still_relay() -> None:
         t.start()
         t.join()
         assert box == ["alice"]
+
+
+def test_coexists_with_opentelemetry_threading_instrumentor_in_either_order() -> None:
+    from opentelemetry import context as otel_context
+    from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+
+    key = otel_context.create_key("tenant")
+    timer_attributes = dict(threading.Timer.__dict__)
+
+    def seen() -> tuple[str | None, object]:
+        return ctxrelay.get("user"), otel_context.get_value(key)
+
+    for ours_first in (True, False):
+        instrumentor = ThreadingInstrumentor()
+        if ours_first:
+            ctxrelay.instrument()
+            instrumentor.instrument()
+        else:
+            instrumentor.instrument()
+            ctxrelay.instrument()  # wraps OTel's submit instead of replacing it
+        try:
+            token = otel_context.attach(otel_context.set_value(key, "acme"))
+            try:
+                with ctxrelay.bind(user="alice"), concurrent.futures.ThreadPoolExecutor(2) as pool:
+                    assert pool.submit(seen).result() == ("alice", "acme")
+            finally:
+                otel_context.detach(token)
+        finally:
+            if ours_first:
+                instrumentor.uninstrument()
+                ctxrelay.uninstrument()
+            else:
+                ctxrelay.uninstrument()
+                instrumentor.uninstrument()
+    assert (
+        concurrent.futures.ThreadPoolExecutor.__dict__["submit"]
+        is ORIGINALS[(concurrent.futures.ThreadPoolExecutor, "submit")]
+    )
+    # uninstrument() removed the wrapper of our Thread.start that OTel's unwrap
+    # leaves on Timer when it instrumented after us: no Timer relays ours now.
+    box: list[str | None] = []
+    with ctxrelay.bind(user="alice"):
+        timer = threading.Timer(0, lambda: box.append(ctxrelay.get("user")))
+        timer.start()
+    timer.join()
+    assert box == [None]
+    # OTel's own unwrap leaves Timer.start wrapped around Thread.start even
+    # when used alone (it wraps the inherited attribute); undo that leftover
+    # so later tests see a clean threading module.
+    for name in ("start", "run"):
+        if name in timer_attributes:
+            setattr(threading.Timer, name, timer_attributes[name])
+        elif name in threading.Timer.__dict__:
+            delattr(threading.Timer, name)

@@ -327,3 +327,24 @@ def test_run_async_rejects_a_non_executor() -> None:
 def test_context_executor_rejects_a_non_executor() -> None:
     with pytest.raises(TypeError, match="Executor"):
         ctxrelay.ContextExecutor(object())  # type: ignore[arg-type]
+
+
+# -- the relaying submit behaves like the standard one ----------------------------------
+def test_submit_after_shutdown_raises_like_the_standard_pool(relay: Relay) -> None:
+    pool = relay.pool(1)
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(user)
+
+
+def test_a_broken_pool_raises_broken_thread_pool_like_the_standard_one(relay: Relay) -> None:
+    def fail() -> None:
+        raise OSError("initializer failed")
+
+    pool = relay.pool(1, initializer=fail)
+    first = pool.submit(user)
+    with pytest.raises(concurrent.futures.thread.BrokenThreadPool):
+        first.result(10)
+    with pytest.raises(concurrent.futures.thread.BrokenThreadPool):
+        pool.submit(user)
+    pool.shutdown()

@@ -21,7 +21,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._relay import _unprepare, fork_clean, prepare_start, relay_callbacks, relayed_task
+from ._relay import (
+    STDLIB_SUBMIT,
+    _make_stdlib_submit,
+    _unprepare,
+    fork_clean,
+    prepare_start,
+    relay_callbacks,
+    relayed_task,
+)
 
 __all__ = ["instrument", "instrumented", "uninstrument"]
 
@@ -32,11 +40,18 @@ _lock = threading.Lock()
 _patches: list[tuple[type, str, Any, Any]] = []
 
 
+def _call(previous: Any, self: object, *args: Any, **kwargs: Any) -> Any:
+    # Bind through the descriptor protocol: the attribute we replaced may be
+    # another library's wrapper object (OpenTelemetry's are wrapt
+    # FunctionWrappers), which binds differently from a plain function.
+    return previous.__get__(self, type(self))(*args, **kwargs)
+
+
 def _patched_start(previous: Callable[[threading.Thread], None]) -> Callable[..., None]:
     def start(self: threading.Thread) -> None:
         prepare_start(self)
         try:
-            previous(self)
+            _call(previous, self)
         except BaseException:
             _unprepare(self)
             raise
@@ -45,8 +60,13 @@ def _patched_start(previous: Callable[[threading.Thread], None]) -> Callable[...
 
 
 def _patched_submit(previous: Callable[..., Any]) -> Callable[..., Any]:
+    if previous is STDLIB_SUBMIT:
+        fast = _make_stdlib_submit()  # a fresh function object: ours to decorate
+        if fast is not None:
+            return fast
+
     def submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        return relay_callbacks(previous(self, relayed_task(self, fn), *args, **kwargs))
+        return relay_callbacks(_call(previous, self, relayed_task(self, fn), *args, **kwargs))
 
     return submit
 
@@ -60,11 +80,11 @@ def _patched_run_in_executor(previous: Callable[..., Any]) -> Callable[..., Any]
         # patched submit captures; any other executor is relayed here, a
         # process pool with the picklable ctxrelay Context.
         if executor is None:
-            return previous(self, executor, func, *args)
+            return _call(previous, self, executor, func, *args)
         func = relayed_task(executor, func)
         if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
-            return fork_clean(previous, self, executor, func, *args)
-        return previous(self, executor, func, *args)
+            return fork_clean(_call, previous, self, executor, func, *args)
+        return _call(previous, self, executor, func, *args)
 
     return run_in_executor
 
@@ -107,6 +127,25 @@ def uninstrument() -> None:
                 )
                 continue
             setattr(owner, name, previous)
+            # A wrapper instrumented on a subclass after us may have left our
+            # patch behind on it: OpenTelemetry's ThreadingInstrumentor wraps
+            # the inherited Timer.start and its unwrap stores the inner
+            # function (ours) as Timer's own attribute.
+            subclasses: list[type] = owner.__subclasses__()
+            for sub in subclasses:
+                if _holds(sub.__dict__.get(name), patch):
+                    delattr(sub, name)
+
+
+def _holds(attribute: object, patch: object) -> bool:
+    """True if ``attribute`` is ``patch``, or a wrapper (chain) around it."""
+    for _ in range(8):
+        if attribute is patch:
+            return True
+        attribute = getattr(attribute, "__wrapped__", None)
+        if attribute is None:
+            return False
+    return False
 
 
 def instrumented() -> bool:

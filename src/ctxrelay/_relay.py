@@ -163,6 +163,64 @@ def relay_callbacks(future: Future[T]) -> Future[T]:
     return future
 
 
+def _make_stdlib_submit() -> Callable[..., Future[Any]] | None:
+    """A relaying twin of ``concurrent.futures.ThreadPoolExecutor.submit``.
+
+    Wrapping the standard ``submit`` costs a second Python frame and a
+    re-packing of ``*args``/``**kwargs`` per task; this twin does the same work
+    as the standard method (the body is unchanged from CPython 3.9 to 3.13)
+    with the relay folded in, which keeps the per-task cost at the floor of
+    ``copy_context().run``.  It is used only where the executor's ``submit``
+    is the standard one, and only when this Python's ``submit`` still has that
+    shape; otherwise ctxrelay wraps ``submit`` instead (``None`` here).
+    """
+    thread = concurrent.futures.thread
+    standard = concurrent.futures.ThreadPoolExecutor.submit
+    expected = {
+        "_shutdown_lock", "_global_shutdown_lock", "_broken", "BrokenThreadPool", "_shutdown",
+        "Future", "_WorkItem", "_work_queue", "put", "_adjust_thread_count",
+    }  # fmt: skip
+    try:
+        item_params = list(inspect.signature(thread._WorkItem.__init__).parameters)
+        same_shape = (
+            set(standard.__code__.co_names) == expected | {"_base", "RuntimeError"}
+            and item_params == ["self", "future", "fn", "args", "kwargs"]
+            and isinstance(thread._shutdown, bool)
+        )
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - other Pythons
+        same_shape = False
+    if not same_shape:  # pragma: no cover - e.g. Python 3.14's reworked executor
+        return None
+    work_item = thread._WorkItem
+    global_lock = thread._global_shutdown_lock
+    broken_pool = thread.BrokenThreadPool
+
+    def submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if type(fn) is not _Task:
+            fn = _Task(_copy_context().run, fn)
+        with self._shutdown_lock, global_lock:
+            if self._broken:
+                raise broken_pool(self._broken)
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if thread._shutdown:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            future: Future[Any] = Future()
+            future._done_callbacks = _RelayCallbacks()  # type: ignore[attr-defined]
+            self._work_queue.put(work_item(future, fn, args, kwargs))
+            self._adjust_thread_count()
+            return future
+
+    submit.__doc__ = standard.__doc__
+    return submit
+
+
+#: The standard ``ThreadPoolExecutor.submit``, as this module found it.
+STDLIB_SUBMIT = concurrent.futures.ThreadPoolExecutor.submit
+#: Its relaying twin, or ``None`` where this Python's executor has changed shape.
+relaying_submit = _make_stdlib_submit()
+
+
 # -- wrap ---------------------------------------------------------------------
 def wrap(fn: Callable[P, R]) -> Callable[P, R]:
     """Capture the context now; every call of the result runs ``fn`` in it.
@@ -201,8 +259,12 @@ class ContextExecutor(Executor):
             raise TypeError(f"ContextExecutor wraps an Executor, not {type(executor).__name__}")
         self.executor = executor
         self._process = isinstance(executor, concurrent.futures.ProcessPoolExecutor)
+        # A standard thread pool: submit through the relaying twin directly.
+        self._standard = relaying_submit is not None and type(executor).submit is STDLIB_SUBMIT
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        if self._standard:
+            return relaying_submit(self.executor, fn, *args, **kwargs)  # type: ignore[misc]
         task = relayed_task(self.executor, fn)
         if self._process:
             return relay_callbacks(fork_clean(self.executor.submit, task, *args, **kwargs))
@@ -240,8 +302,13 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
     context; worker threads themselves never hold a request's context.
     """
 
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        return relay_callbacks(super().submit(_task(fn), *args, **kwargs))
+    if relaying_submit is not None:
+        # The standard body with the relay folded in (see _make_stdlib_submit).
+        submit = relaying_submit
+    else:  # pragma: no cover - Pythons whose executor changed shape
+
+        def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+            return relay_callbacks(super().submit(_task(fn), *args, **kwargs))
 
     if THREADS_INHERIT_CONTEXT:  # pragma: no cover - free-threaded 3.14+ only
 
