@@ -151,6 +151,14 @@ class _RelayCallbacks(list[Any]):
         list.append(self, _task(fn))
 
 
+class _RelayFuture(Future[Any]):
+    """A future created by ctxrelay: done-callbacks run in the context
+    current when they were added (created as such, never re-labelled)."""
+
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        super().add_done_callback(_task(fn))
+
+
 def relay_callbacks(future: Future[T]) -> Future[T]:
     """Make ``future``'s done-callbacks run in the context current when added.
 
@@ -196,8 +204,6 @@ def _make_stdlib_submit() -> Callable[..., Future[Any]] | None:
     broken_pool = thread.BrokenThreadPool
 
     def submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        if type(fn) is not _Task:
-            fn = _Task(_copy_context().run, fn)
         with self._shutdown_lock, global_lock:
             if self._broken:
                 raise broken_pool(self._broken)
@@ -205,9 +211,14 @@ def _make_stdlib_submit() -> Callable[..., Future[Any]] | None:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if thread._shutdown:
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            future: Future[Any] = Future()
-            future._done_callbacks = _RelayCallbacks()  # type: ignore[attr-defined]
-            self._work_queue.put(work_item(future, fn, args, kwargs))
+            future: Future[Any] = _RelayFuture()
+            if type(fn) is _Task:
+                self._work_queue.put(work_item(future, fn, args, kwargs))
+            else:
+                # What the floor does by hand, pool.submit(copy_context().run,
+                # fn, ...): no wrapper object, no extra call when it runs.
+                run = _copy_context().run
+                self._work_queue.put(work_item(future, run, (fn, *args), kwargs))
             self._adjust_thread_count()
             return future
 
@@ -416,7 +427,7 @@ class Timer(threading.Timer):
 
 
 # -- run_async ----------------------------------------------------------------
-class _AsyncFuture(Future[Any]):
+class _AsyncFuture(_RelayFuture):
     """The future of a ``run_async`` call: an exception that nobody retrieves
     is logged, with the call's context, when the future is discarded."""
 
@@ -453,14 +464,13 @@ def _report_lost(name: str, exc: BaseException) -> None:
 
 
 def _watch(inner: Future[Any], captured: contextvars.Context, name: str) -> Future[Any]:
-    if type(inner) is Future:
+    if type(inner) in (Future, _RelayFuture):
         # Re-labelled (same layout, isinstance holds): only run_async pays.
         inner.__class__ = _AsyncFuture
         outer: _AsyncFuture = inner  # type: ignore[assignment]
     else:
         # A foreign Future subclass cannot be re-labelled: chain it instead.
         outer = _AsyncFuture()
-        relay_callbacks(outer)
         outer.set_running_or_notify_cancel()
         inner.add_done_callback(functools.partial(_copy_outcome, outer))
     outer._ctxrelay_context = captured
