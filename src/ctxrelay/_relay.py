@@ -270,12 +270,12 @@ class ContextExecutor(Executor):
             raise TypeError(f"ContextExecutor wraps an Executor, not {type(executor).__name__}")
         self.executor = executor
         self._process = isinstance(executor, concurrent.futures.ProcessPoolExecutor)
-        # A standard thread pool: submit through the relaying twin directly.
-        self._standard = relaying_submit is not None and type(executor).submit is STDLIB_SUBMIT
+        if relaying_submit is not None and type(executor).submit is STDLIB_SUBMIT:
+            # A standard thread pool: submit through the relaying twin
+            # directly, without a second Python frame per task.
+            self.submit = functools.partial(relaying_submit, executor)  # type: ignore[method-assign]
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        if self._standard:
-            return relaying_submit(self.executor, fn, *args, **kwargs)  # type: ignore[misc]
         task = relayed_task(self.executor, fn)
         if self._process:
             return relay_callbacks(fork_clean(self.executor.submit, task, *args, **kwargs))
