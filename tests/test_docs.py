@@ -1,4 +1,9 @@
-"""The examples in the README and the core docs run as written."""
+"""The examples in the README and the docs run as written.
+
+Every ```python block runs standalone in a fresh interpreter.  A snippet that
+needs something outside (a broker with a worker, a remote host) is fenced as
+```py instead, and is exercised by the integration tests.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ["README.md", "docs/core.md"]
+PAGES = [
+    "README.md",
+    "docs/core.md",
+    "docs/wire.md",
+    "docs/web.md",
+    "docs/queues.md",
+    "docs/logging.md",
+]
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
