@@ -79,7 +79,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .._context import _CURRENT, Context, current
 from .._signing import KEY, WORKER_FIELDS, Secret, Signer, as_signer, capture, restore, with_local
 
-__all__ = ["KEY", "TASK_ID", "TASK_PARENT_ID", "TASK_ROOT_ID", "install", "uninstall"]
+__all__ = ["KEY", "TASK_ID", "TASK_PARENT_ID", "TASK_ROOT_ID", "Signer", "install", "uninstall"]
 
 _log = logging.getLogger("ctxrelay")
 

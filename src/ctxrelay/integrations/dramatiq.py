@@ -54,7 +54,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .._context import _CURRENT, Context
 from .._signing import KEY, Secret, Signer, as_signer, capture, restore, with_local
 
-__all__ = ["MESSAGE_ID", "RelayMiddleware", "install", "uninstall"]
+__all__ = ["MESSAGE_ID", "RelayMiddleware", "Signer", "install", "uninstall"]
 
 _log = logging.getLogger("ctxrelay")
 

@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .._context import _CURRENT, Context, use
 from .._signing import KEY, Signer, capture, restore, with_local
 
-__all__ = ["JOB_ID", "RelayJob", "RelaySimpleWorker", "RelayWorker", "RelayWorkerMixin"]
+__all__ = ["JOB_ID", "RelayJob", "RelaySimpleWorker", "RelayWorker", "RelayWorkerMixin", "Signer"]
 
 #: The worker-local field holding the running job's id.
 JOB_ID = "job_id"
