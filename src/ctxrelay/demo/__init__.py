@@ -1,103 +1,148 @@
-"""The seed-000 walk-through: an order page fans out to a thread pool.
+"""The walk-through: seed 000's order-confirmation page, broken and then relayed.
 
-Run it with ``make demo`` or ``python -m ctxrelay.demo``.
+``make demo``, ``python -m ctxrelay.demo`` or ``ctxrelay demo``; ``--json``
+for machines, ``--broker redis://127.0.0.1:6379/0`` for a real broker and a
+worker process.  See docs/demo.md.
+
+On 127.0.0.1 it starts the member, cart and order services
+(:mod:`ctxrelay.demo.services`) and a Celery worker
+(:mod:`ctxrelay.demo.tasks`), then sends the same request twice -- session
+cookie, request id, canary tag -- with the relay off and on, and reports what
+every piece of work saw (:mod:`ctxrelay.demo.report`).  The exit status is 0
+only when the relayed walk is fully correct.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+import argparse
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import ctxrelay
+from ctxrelay.integrations import celery as celery_relay
 
-__all__ = ["Hop", "confirm_order", "main"]
+from .hops import Hop, logging_to_recorder
+from .report import INTRO, Result, Walk, as_json, as_text, problems
+from .services import WAIT, OrderService, browse, cart_app, member_app, serve
+from .shop import new_request_id, policy
+from .tasks import TASK, Worker, embedded_worker, make_app, worker_process
 
-
-@dataclass(frozen=True)
-class Hop:
-    """What one piece of work saw of the request."""
-
-    task: str
-    thread: str
-    request_id: str | None
-    user: str | None
-    canary: str | None
-
-    @property
-    def complete(self) -> bool:
-        return None not in (self.request_id, self.user, self.canary)
+__all__ = ["main", "run", "running"]
 
 
-def _lookup(task: str) -> Hop:
-    # A "remote call" needs the user and the canary tag of the request it
-    # serves -- seed 000's Feign call needed the user's cookie.
-    return Hop(
-        task=task,
-        thread=threading.current_thread().name,
-        request_id=ctxrelay.request_id(),
-        user=ctxrelay.get("user"),
-        canary=ctxrelay.get("x-gray"),
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo and print the report; 0 only if the relayed walk is fully correct."""
+    args = _arguments(sys.argv[1:] if argv is None else argv)
+    if not args.json:
+        print(INTRO, flush=True)  # something to read while the services start
+    with running(broker=args.broker) as result:
+        # Printed before the teardown: stopping the embedded worker takes seconds.
+        print(as_json(result) if args.json else as_text(result), flush=True)
+    return 0 if result.ok else 1
+
+
+def _arguments(argv: list[str]) -> argparse.Namespace:
+    if argv[:1] == ["demo"]:  # `ctxrelay demo ...` leaves its subcommand in sys.argv
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(
+        prog="python -m ctxrelay.demo",
+        description="Seed 000's order page, walked without and with the relay.",
     )
-
-
-def confirm_order(
-    pool: concurrent.futures.Executor, thread_cls: type[threading.Thread] = threading.Thread
-) -> list[Hop]:
-    """Seed 000's ``confirmOrder``: two lookups in parallel, then wait for both."""
-    addresses = pool.submit(_lookup, "address lookup")
-    cart = pool.submit(_lookup, "cart lookup")
-    audit: list[Hop] = []
-    # Seed 002: an audit that runs on its own thread.
-    thread = thread_cls(target=lambda: audit.append(_lookup("audit thread")))
-    thread.start()
-    thread.join()
-    return [addresses.result(), cart.result(), *audit]
-
-
-def _run(
-    title: str,
-    make_pool: Callable[[], concurrent.futures.Executor],
-    thread_cls: type[threading.Thread] = threading.Thread,
-) -> list[Hop]:
-    fields = {"request_id": "req-7f3a", "user": "alice", "x-gray": "canary"}
-    with make_pool() as pool, ctxrelay.bind(fields):
-        hops = [_lookup("request handler"), *confirm_order(pool, thread_cls)]
-    print(f"\n{title}")
-    print(f"  {'task':<16} {'thread':<26} {'request_id':<11} {'user':<6} {'canary':<7}")
-    for hop in hops:
-        mark = "ok" if hop.complete else "LOST"
-        print(
-            f"  {hop.task:<16} {hop.thread:<26} {hop.request_id or '-':<11} "
-            f"{hop.user or '-':<6} {hop.canary or '-':<7} {mark}"
-        )
-    return hops
-
-
-def main() -> int:
-    """Run the demo; exit status 0 only if every relayed hop saw its request."""
-    print("ctxrelay demo: seed 000's order page fans out two lookups on a thread pool,")
-    print("plus an audit thread; request req-7f3a, user alice, canary tag x-gray=canary.")
-    _run(
-        "1. without ctxrelay: plain ThreadPoolExecutor and Thread",
-        lambda: concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="plain"),
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="a real Celery broker (redis://127.0.0.1:6379/9) served by a worker process; "
+        "default: Celery's in-memory broker and a worker thread in this process",
     )
-    ctxrelay.instrument()
+    return parser.parse_args(argv)
+
+
+def run(broker: str | None = None) -> Result:
+    """Start everything, walk the request without and with the relay, stop everything."""
+    with running(broker) as result:
+        return result
+
+
+@contextmanager
+def running(broker: str | None = None) -> Iterator[Result]:
+    """Start everything, walk the request without and with the relay, yield the
+    result; everything is stopped when the block ends."""
+    queue = f"ctxrelay-demo-{uuid.uuid4().hex[:8]}"
+    app = make_app(broker, queue)
+    previous = ctxrelay.configure(policy())
     try:
-        relayed = _run(
-            "2. the same unchanged code, after ctxrelay.instrument()",
-            lambda: concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="instrumented"),
-        )
+        with (
+            logging_to_recorder(),
+            _worker(app, broker, queue) as worker,
+            serve(member_app(), "member") as member,
+            serve(cart_app(), "cart") as cart,
+        ):
+            walks = tuple(_walk(relay, member, cart, app, worker) for relay in (False, True))
+            yield Result(os.getpid(), str(app.conf.broker_url), worker.description, walks)
     finally:
-        ctxrelay.uninstrument()
-    explicit = _run(
-        "3. explicit drop-ins: ctxrelay.ThreadPoolExecutor and ctxrelay.Thread",
-        lambda: ctxrelay.ThreadPoolExecutor(2, thread_name_prefix="ctxrelay"),
-        ctxrelay.Thread,
+        ctxrelay.configure(previous)
+
+
+def _worker(app: Any, broker: str | None, queue: str) -> Any:
+    return embedded_worker(app) if broker is None else worker_process(broker, queue)
+
+
+@contextmanager
+def _celery_relay(app: Any, relay: bool) -> Iterator[None]:
+    """The Celery switch.  With the embedded worker, the signals it connects
+    serve the worker thread too; a worker process has its own (always on)."""
+    if not relay:
+        yield
+        return
+    celery_relay.install(app)
+    try:
+        yield
+    finally:
+        celery_relay.uninstall(app)
+
+
+def _walk(relay: bool, member: str, cart: str, app: Any, worker: Worker) -> Walk:
+    """One request through the shop: the browser's call, then every hop's report."""
+    request_id = new_request_id()
+    service = OrderService(relay=relay, member=member, cart=cart, confirmation=app.tasks[TASK])
+    started = time.monotonic()
+    try:
+        with _celery_relay(app, relay), serve(service.app(), "order") as order:
+            response = browse(order, request_id)
+            service.response_sent.set()  # seed 002: the audit thread reads after this
+            hops = service.hops()
+            mail = _mail_hop(service.published, worker)
+    finally:
+        service.close()
+    if mail is not None:
+        hops[mail.name] = mail
+    status, echoed = response.status_code, response.headers.get("x-request-id")
+    return Walk(
+        relay=relay,
+        request_id=request_id,
+        status=status,
+        echoed_request_id=echoed,
+        hops=hops,
+        seconds=time.monotonic() - started,
+        problems=problems(request_id, status, echoed, hops),
     )
-    ok = all(hop.complete for hop in [*relayed, *explicit])
-    print(
-        "\nrelayed: every hop saw its request" if ok else "\nFAILED: a relayed hop lost the request"
-    )
-    return 0 if ok else 1
+
+
+def _mail_hop(published: Any, worker: Worker) -> Hop | None:
+    """The hop the Celery task reported through the result backend."""
+    if published is None:
+        return None
+    try:
+        return Hop.from_dict(published.get(timeout=WAIT, interval=0.02))
+    except Exception as exc:  # the report says "never reported"; say why here
+        print(f"ctxrelay demo: the Celery task did not report: {exc!r}", file=sys.stderr)
+        output = worker.output()
+        if output:
+            print(f"worker output:\n{output[-4000:]}", file=sys.stderr)
+        return None

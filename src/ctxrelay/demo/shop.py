@@ -1,0 +1,60 @@
+"""The shop of seed 000: who is logged in, what the browser sends, what may travel.
+
+Every service of the demo (and the Celery worker process, when there is one)
+reads these, so both ends of every hop agree on what "correct" means.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import ctxrelay
+
+__all__ = [
+    "CANARY",
+    "COOKIE",
+    "ORDER_ID",
+    "SESSION",
+    "SESSIONS",
+    "USER",
+    "browser_headers",
+    "new_request_id",
+    "policy",
+]
+
+#: The logged-in user, and the session cookie the browser holds for her.
+USER = "alice"
+SESSION = "alice-7d1e"
+COOKIE = f"session={SESSION}"
+#: What the member and cart services know: session -> user.
+SESSIONS = {SESSION: USER}
+
+#: Seed 004's canary ("gray") tag: the ``x-gray`` header routes a request to
+#: the canary version of every service it reaches.
+CANARY = "canary"
+
+ORDER_ID = "o-1001"
+
+
+def new_request_id() -> str:
+    """A fresh request id for one walk, so the two walks cannot be confused."""
+    return f"req-{secrets.token_hex(3)}"
+
+
+def browser_headers(request_id: str) -> dict[str, str]:
+    """What the browser sends with ``GET /order/confirm``."""
+    return {"cookie": COOKIE, "x-request-id": request_id, "x-gray": CANARY}
+
+
+def policy() -> ctxrelay.Policy:
+    """The shop's relay policy: the one thing a ctxrelay user must decide.
+
+    The order service keeps the inbound ``cookie`` and ``x-gray`` headers as
+    context fields.  The cookie is a credential: it is sent only where a route
+    names it -- here the member and cart services on 127.0.0.1 -- and never
+    written into a broker (the in-house route leaves credentials out), so the
+    Celery task gets the request id, the user and the canary tag, not the
+    session.
+    """
+    internal = ctxrelay.Policy.Route(hosts=("127.0.0.1",), sensitive={"cookie"})
+    return ctxrelay.Policy(capture={"cookie", "x-gray"}, routes=(internal,))

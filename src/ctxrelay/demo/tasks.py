@@ -1,0 +1,156 @@
+"""Seed 003/004's asynchronous work: a Celery task that mails the confirmation.
+
+The task runs in a Celery worker, far from the request: all it knows of the
+request is what its message carried.  With ctxrelay's Celery integration
+installed (:func:`ctxrelay.integrations.celery.install`) the message carries
+the request id, the user and the canary tag -- not the session cookie, which
+the shop's policy keeps out of the broker.
+
+Two workers are offered:
+
+* :func:`embedded_worker` -- the default, needing no service: Celery's
+  in-memory broker and result backend, and a worker thread in this process
+  (``celery.contrib.testing.worker.start_worker``).  Messages still go
+  through the broker, encoded and decoded like any other.
+* :func:`worker_process` -- for ``--broker redis://...``: a real broker and a
+  separate worker process (``python -m ctxrelay.demo.worker``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Celery  # type: ignore[import-untyped]
+from celery.contrib.testing.worker import start_worker  # type: ignore[import-untyped]
+
+import ctxrelay
+
+from .hops import CELERY, CELERY_HOP, observe
+from .shop import CANARY
+
+__all__ = ["TASK", "Worker", "embedded_worker", "make_app", "send_confirmation", "worker_process"]
+
+#: The task's registered name, the same in the publisher and in the worker.
+TASK = "shop.send_confirmation"
+
+_log = logging.getLogger("shop.mail")
+
+
+def send_confirmation(order_id: str) -> dict[str, Any]:
+    """Mail the order confirmation to the user, with the canary template if tagged.
+
+    Returns the hop it observed, so the demo can show what the worker saw.
+    """
+    user = ctxrelay.get("user")
+    canary = ctxrelay.get("x-gray")
+    template = "canary" if canary == CANARY else "stable"
+    if user is None:
+        result = f"no user to mail {order_id} to"
+        message = f"cannot send the confirmation of {order_id}: no user"
+    else:
+        result = f"mailed {order_id} to {user} ({template} template)"
+        message = f"sending the confirmation of {order_id} to {user}, {template} template"
+    hop = observe(
+        CELERY_HOP,
+        CELERY,
+        _log,
+        message,
+        cookie=ctxrelay.get("cookie") is not None,
+        canary=canary,
+        result=result,
+    )
+    return hop.to_dict()
+
+
+def make_app(broker: str | None, queue: str) -> Celery:
+    """The shop's Celery app on ``broker`` (``None``: in memory), publishing to ``queue``."""
+    app = Celery(
+        "ctxrelay-demo",
+        broker=broker or "memory://localhost/",
+        backend=broker or "cache+memory://",
+        set_as_current=False,
+    )
+    app.conf.update(
+        task_default_queue=queue,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        result_expires=600,
+    )
+    if broker is None:
+        # The in-memory transport polls; the default (1 s) would dominate the demo.
+        app.conf.broker_transport_options = {"polling_interval": 0.01}
+    app.task(name=TASK)(send_confirmation)
+    return app
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A running worker: what to call it in the report, and where its output goes."""
+
+    description: str
+    log: Path | None = None
+
+    def output(self) -> str:
+        """What a worker process has printed so far (empty for a thread)."""
+        if self.log is None or not self.log.exists():
+            return ""
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def embedded_worker(app: Celery) -> Iterator[Worker]:
+    """A Celery worker thread in this process, on ``app``'s in-memory broker."""
+    with start_worker(app, perform_ping_check=False, loglevel="WARNING", shutdown_timeout=15):
+        yield Worker(
+            "a worker thread in this process (celery.contrib.testing.worker, solo pool),"
+            f" in-memory broker {app.conf.broker_url}"
+        )
+
+
+@contextmanager
+def worker_process(broker: str, queue: str) -> Iterator[Worker]:
+    """``python -m ctxrelay.demo.worker`` on ``broker``, stopped (SIGTERM, then SIGKILL) on exit."""
+    handle, name = tempfile.mkstemp(prefix="ctxrelay-demo-worker-", suffix=".log")
+    log = Path(name)
+    command = [sys.executable, "-m", "ctxrelay.demo.worker", "--broker", broker, "--queue", queue]
+    with os.fdopen(handle, "wb") as out:
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        yield Worker(
+            f"worker process pid {process.pid} (python -m ctxrelay.demo.worker, solo pool),"
+            f" broker {broker}, queue {queue}",
+            log,
+        )
+    finally:
+        _stop(process)
+        log.unlink(missing_ok=True)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    # Its own session, so the signal reaches only the worker we started.
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)  # Celery's warm shutdown
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
