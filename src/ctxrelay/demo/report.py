@@ -153,6 +153,14 @@ has the context either way, as Spring's RequestContextHolder did.
              ctxrelay.integrations.celery.install(app)"""
 
 
+_LEGEND = """\
+Each hop is what the code saw where it ran.  LOST: it did not get it; a value
+ending in "!" belongs to another request.  cookie: did the user's session
+cookie reach it (for a call: arrive at the other service); the mail task must
+not get it -- the policy keeps credentials out of the broker.  Under each hop,
+the line it logged, as the log file has it."""
+
+
 def _label(walk: Walk) -> str:
     return "on" if walk.relay else "off"
 
@@ -168,7 +176,7 @@ def _seen(value: str | None, want: str) -> str | None:
 
 def _cookie(hop: Hop) -> str:
     if hop.kind == CELERY:
-        return "LEAKED" if hop.cookie else "kept out"
+        return "LEAKED" if hop.cookie else "not sent"
     return "yes" if hop.cookie else "LOST"
 
 
@@ -205,7 +213,7 @@ def _hop_lines(name: str, walks: Sequence[Walk], pid: int) -> list[str]:
 def _verdict(walk: Walk) -> list[str]:
     if walk.correct:
         return [f"relay on: every hop saw the whole request ({walk.seconds:.1f} s)."]
-    title = "relay on" if walk.relay else "relay off"
+    title = "relay on" if walk.relay else "relay off -- the seeds' bugs"
     lines = [f"{title}: {len(walk.problems)} problems ({walk.seconds:.1f} s):"]
     grouped: dict[str, list[str]] = {}
     for hop, what in walk.problems:
@@ -223,6 +231,8 @@ def as_text(result: Result) -> str:
         f"Request ids: {ids}.",
         f"Celery: {result.worker}.",
         f"Everything else runs in this process, pid {result.pid}.",
+        "",
+        _LEGEND,
         "",
     ]
     header = "".join(f"{title:<{width}}" if width else title for title, width in _COLUMNS + _MORE)

@@ -183,10 +183,13 @@ class OrderService:
                 message=f"confirming {ORDER_ID} for {user}, {me.get('points')} points",
                 result=f"member /me: {status}, user {user}",
             )
+            # Seed 000: both lookups on the pool at once, then wait for both.
             addresses = self.pool.submit(self._fetch, MEMBER_HOP, f"{self.member}/member/addresses")
             items = self.pool.submit(self._fetch, CART_HOP, f"{self.cart}/cart/items")
             page = {"order": ORDER_ID, "addresses": addresses.result(), "items": items.result()}
+            # Seed 002: an audit nobody waits for; it outlives the response.
             self.thread_class(target=self._audit, name="audit").start()
+            # Seeds 003/004: the asynchronous work, through a broker.
             self.published = self.confirmation.delay(ORDER_ID)
         return page
 
@@ -209,15 +212,14 @@ class OrderService:
     def _audit(self) -> None:
         """Seed 002: work that reads the request after the response is sent."""
         try:
+            # By now the server has finished with the request (seed 002: Tomcat
+            # recycles it).  ctxrelay.request() is a snapshot, a value: it stays.
             self.response_sent.wait(WAIT)
             after = self.response_sent.is_set()
             request = ctxrelay.request()
             if request is None:
-                message, result = (
-                    f"audit of {ORDER_ID}: no request to read",
-                    "ctxrelay.request() is None",
-                )
-                cookie, canary = False, None
+                message = f"audit of {ORDER_ID}: no request to read"
+                result, cookie, canary = "ctxrelay.request() is None", False, None
             else:
                 line = f"{request.method} {request.path}"
                 message = f"audit of {ORDER_ID}: {line} from {request.client}"
