@@ -90,7 +90,7 @@ def running(broker: str | None = None) -> Iterator[Result]:
 
 
 def _worker(app: Any, broker: str | None, queue: str) -> Any:
-    return embedded_worker(app) if broker is None else worker_process(broker, queue)
+    return embedded_worker(app) if broker is None else worker_process(app, queue)
 
 
 @contextmanager
@@ -139,7 +139,9 @@ def _mail_hop(published: Any, worker: Worker) -> Hop | None:
     if published is None:
         return None
     try:
-        return Hop.from_dict(published.get(timeout=WAIT, interval=0.02))
+        reported = published.get(timeout=WAIT, interval=0.02)
+        published.forget()  # a real result backend keeps it otherwise
+        return Hop.from_dict(reported)
     except Exception as exc:  # the report says "never reported"; say why here
         print(f"ctxrelay demo: the Celery task did not report: {exc!r}", file=sys.stderr)
         output = worker.output()

@@ -118,8 +118,10 @@ def embedded_worker(app: Celery) -> Iterator[Worker]:
 
 
 @contextmanager
-def worker_process(broker: str, queue: str) -> Iterator[Worker]:
-    """``python -m ctxrelay.demo.worker`` on ``broker``, stopped (SIGTERM, then SIGKILL) on exit."""
+def worker_process(app: Celery, queue: str) -> Iterator[Worker]:
+    """``python -m ctxrelay.demo.worker`` on ``app``'s broker, serving ``queue``;
+    on exit it is stopped (SIGTERM, then SIGKILL) and the queue deleted."""
+    broker = str(app.conf.broker_url)
     handle, name = tempfile.mkstemp(prefix="ctxrelay-demo-worker-", suffix=".log")
     log = Path(name)
     command = [sys.executable, "-m", "ctxrelay.demo.worker", "--broker", broker, "--queue", queue]
@@ -140,6 +142,20 @@ def worker_process(broker: str, queue: str) -> Iterator[Worker]:
     finally:
         _stop(process)
         log.unlink(missing_ok=True)
+        _delete_queue(app, queue)
+
+
+def _delete_queue(app: Celery, queue: str) -> None:
+    # Leave the user's broker as it was: the queue was the demo's alone.
+    try:
+        with app.connection_for_write() as connection:
+            # Declared first, so that a virtual transport (Redis) knows the
+            # bindings it must remove with it.
+            bound = app.amqp.queues[queue](connection.default_channel)
+            bound.declare()
+            bound.delete()
+    except Exception as exc:
+        print(f"ctxrelay demo: could not delete queue {queue}: {exc!r}", file=sys.stderr)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
