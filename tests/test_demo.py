@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -217,6 +218,16 @@ def test_redis_demo_unrelayed_task_reaches_the_worker_without_its_request(
     assert mail["pid"] != on_redis["pid"]
     assert (mail["request_id"], mail["user"], mail["canary"]) == (None, None, None)
     assert _walk(on_redis, False)["correct"] is False
+
+
+def test_unreachable_broker_exits_2_with_one_clear_line() -> None:
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{closed.getsockname()[1]}/{REDIS_DB}"
+        finished = _demo("--json", "--broker", url)
+    assert finished.returncode == 2
+    assert finished.stdout == ""
+    assert finished.stderr.startswith(f"ctxrelay demo: cannot reach the broker {url}: ")
 
 
 # -- the report and its verdict --------------------------------------------------

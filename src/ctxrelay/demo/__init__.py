@@ -30,19 +30,26 @@ from .hops import Hop, logging_to_recorder
 from .report import INTRO, Result, Walk, as_json, as_text, problems
 from .services import WAIT, OrderService, browse, cart_app, member_app, serve
 from .shop import new_request_id, policy
-from .tasks import TASK, Worker, embedded_worker, make_app, worker_process
+from .tasks import TASK, BrokerUnreachable, Worker, embedded_worker, make_app, worker_process
 
 __all__ = ["main", "run", "running"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo and print the report; 0 only if the relayed walk is fully correct."""
+    """Run the demo and print the report; 0 only if the relayed walk is fully
+    correct, 1 if it is not, 2 if ``--broker`` cannot be reached.
+
+    ``argv`` defaults to ``sys.argv[1:]``: call ``main([])`` from Python."""
     args = _arguments(sys.argv[1:] if argv is None else argv)
     if not args.json:
         print(INTRO, flush=True)  # something to read while the services start
-    with running(broker=args.broker) as result:
-        # Printed before the teardown: stopping the embedded worker takes seconds.
-        print(as_json(result) if args.json else as_text(result), flush=True)
+    try:
+        with running(broker=args.broker) as result:
+            # Printed before the teardown: stopping the embedded worker takes seconds.
+            print(as_json(result) if args.json else as_text(result), flush=True)
+    except BrokerUnreachable as exc:
+        print(f"ctxrelay demo: {exc}", file=sys.stderr)
+        return 2
     return 0 if result.ok else 1
 
 

@@ -38,7 +38,15 @@ import ctxrelay
 from .hops import CELERY, CELERY_HOP, observe
 from .shop import CANARY
 
-__all__ = ["TASK", "Worker", "embedded_worker", "make_app", "send_confirmation", "worker_process"]
+__all__ = [
+    "TASK",
+    "BrokerUnreachable",
+    "Worker",
+    "embedded_worker",
+    "make_app",
+    "send_confirmation",
+    "worker_process",
+]
 
 #: The task's registered name, the same in the publisher and in the worker.
 TASK = "shop.send_confirmation"
@@ -117,10 +125,25 @@ def embedded_worker(app: Celery) -> Iterator[Worker]:
         )
 
 
+class BrokerUnreachable(Exception):
+    """The ``--broker`` given cannot be reached: said at once, not after retries."""
+
+
+def _reach(app: Celery) -> None:
+    broker = str(app.conf.broker_url)
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:
+        raise BrokerUnreachable(f"cannot reach the broker {broker}: {exc}") from exc
+
+
 @contextmanager
 def worker_process(app: Celery, queue: str) -> Iterator[Worker]:
     """``python -m ctxrelay.demo.worker`` on ``app``'s broker, serving ``queue``;
-    on exit it is stopped (SIGTERM, then SIGKILL) and the queue deleted."""
+    on exit it is stopped (SIGTERM, then SIGKILL) and the queue deleted.
+    Raises :class:`BrokerUnreachable` first if the broker does not answer."""
+    _reach(app)
     broker = str(app.conf.broker_url)
     handle, name = tempfile.mkstemp(prefix="ctxrelay-demo-worker-", suffix=".log")
     log = Path(name)
