@@ -11,8 +11,8 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["demo"]:
         from ctxrelay.demo import main as demo
 
-        return demo()
-    print("usage: ctxrelay demo", file=sys.stderr)
+        return demo(args[1:])
+    print("usage: ctxrelay demo [--json] [--broker URL]", file=sys.stderr)
     return 2
 
 

@@ -54,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _arguments(argv: list[str]) -> argparse.Namespace:
-    if argv[:1] == ["demo"]:  # `ctxrelay demo ...` leaves its subcommand in sys.argv
-        argv = argv[1:]
     parser = argparse.ArgumentParser(
         prog="python -m ctxrelay.demo",
         description="Seed 000's order page, walked without and with the relay.",
