@@ -2,19 +2,27 @@
 
 Seed 002: work that outlives the response cannot use the live request (the
 container recycles it, the ASGI receive channel closes, Flask pops its
-context).  It gets this copy instead: built once at the door from the raw
+context).  It gets this copy instead: taken once at the door from the raw
 ASGI scope or WSGI environ, immutable, picklable, safe to keep.
 
-Inbound data is hostile, so construction never raises on what a client sent:
-header values with control characters are dropped, oversized ones are
-dropped whole (a truncated cookie is worse than none), and the number and
-total size of headers are capped.
+Most requests never read their snapshot, so the door copies only the raw
+data -- for ASGI the scope's header pairs as a tuple, a value copy because
+the pairs and their ``bytes`` are immutable -- and ``headers``, ``cookies``
+and ``host`` are built on first access and cached.  From the outside the
+snapshot is the same frozen value either way.
+
+Inbound data is hostile, so neither construction nor first access ever
+raises on what a client sent: header values with control characters are
+dropped, oversized ones are dropped whole (a truncated cookie is worse than
+none), and the number and total size of headers are capped.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+import operator
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
@@ -29,6 +37,13 @@ __all__ = [
 ]
 
 _log = logging.getLogger("ctxrelay")
+# The scope keys a snapshot copies, read in one C call.
+_ASGI_FIELDS = operator.itemgetter(
+    "headers", "method", "scheme", "path", "query_string", "client", "server"
+)
+# Snapshots are frozen: their own constructors write through object's methods.
+_new = object.__new__
+_set = object.__setattr__
 _T = TypeVar("_T")
 
 #: At most this many header lines are kept; the rest are dropped.
@@ -38,7 +53,10 @@ MAX_HEADER_BYTES = 8192
 #: Header lines are kept until their total size reaches this.
 MAX_HEADERS_TOTAL_BYTES = 65536
 
-_CONTROL = frozenset(chr(c) for c in (*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F))
+# A kept name (stripped, lowercased) is printable ASCII without space or ":".
+_VALID_NAME = re.compile(r"[!-9;-~]+\Z")
+# Control characters but horizontal tab: CR, LF and NUL would split a header.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _clean_headers(raw: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -46,10 +64,10 @@ def _clean_headers(raw: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...
     total = 0
     for name, value in raw:
         name = name.strip().lower()
-        if not name or not name.isascii() or any(ch in _CONTROL or ch in " :" for ch in name):
+        if not _VALID_NAME.match(name):
             _log.debug("ctxrelay: dropped a header with an invalid name %r", name[:64])
             continue
-        if _CONTROL.intersection(value):
+        if _CONTROL.search(value):
             _log.debug("ctxrelay: dropped header %r: control characters in its value", name)
             continue
         size = len(name) + len(value)
@@ -142,6 +160,55 @@ class Headers(Mapping[str, str]):
         return (Headers, (list(self._lines),))
 
 
+# -- raw server data, copied at the door and decoded on first access -----------
+_WSGI_CONTENT = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
+
+
+def _asgi_lines(raw: Iterable[object]) -> list[tuple[str, str]]:
+    lines: list[tuple[str, str]] = []
+    for pair in raw:
+        # ASGI headers are pairs of byte strings.  Check the types rather
+        # than call bytes() on whatever came: bytes(0) is b"" and
+        # bytes(2**40) allocates a terabyte.
+        if (
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and isinstance(pair[0], (bytes, bytearray))
+            and isinstance(pair[1], (bytes, bytearray))
+        ):
+            lines.append((pair[0].decode("latin-1"), pair[1].decode("latin-1")))
+        else:
+            _log.debug("ctxrelay: dropped a malformed ASGI header entry")
+    return lines
+
+
+def _wsgi_lines(raw: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    # Environ keys as the door copied them: HTTP_X_ID and CONTENT_TYPE.
+    return [
+        (key[5:].replace("_", "-") if key[0] == "H" else key.replace("_", "-"), value)
+        for key, value in raw
+    ]
+
+
+def _str(value: object, default: str) -> str:
+    if type(value) is str:
+        return value
+    return default if value is None else str(value)
+
+
+def _address(pair: tuple[Any, ...]) -> str:
+    # "host:port" from an ASGI (host, port) pair; called on access, so
+    # whatever a broken server put there must not raise.
+    try:
+        return f"{pair[0]}:{pair[1]}"
+    except Exception:
+        return ""
+
+
+def _text_lines(raw: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
+    return raw
+
+
 class RequestSnapshot:
     """A frozen value copy of the inbound request, safe after the response.
 
@@ -150,18 +217,34 @@ class RequestSnapshot:
     ``headers`` (:class:`Headers`) and ``cookies`` (read-only mapping).  Build
     one with :meth:`from_asgi` or :meth:`from_wsgi`; the web middleware does.
     Its ``repr`` masks sensitive headers and every cookie value.
+
+    The constructors from server data copy the raw data only: ``headers``,
+    ``cookies`` and ``host`` are decoded on first access (most requests never
+    read them) and cached; ``client`` and ``query`` are formatted on access.
+    Equality, hashing, pickling and ``repr`` read them like any other
+    attribute: it is the same frozen value.
     """
 
-    __slots__ = ("client", "cookies", "headers", "host", "method", "path", "query", "scheme")
+    # _raw: (method, scheme, path, query, client, server, decode, lines) as
+    # copied at the door: one slot, so a snapshot costs a single assignment.
+    # client/server are final strings, or (host, port) tuples formatted on
+    # access; decode(lines) gives the header lines.  _headers, _host and
+    # _cookies are caches, unset until first access.
+    __slots__ = ("_cookies", "_headers", "_host", "_raw")
 
-    method: str
-    scheme: str
-    host: str
-    path: str
-    query: str
-    client: str | None
-    headers: Headers
-    cookies: Mapping[str, str]
+    _raw: tuple[
+        str,
+        str,
+        str,
+        str | bytes,
+        str | tuple[Any, ...] | None,
+        str | tuple[Any, ...],
+        Callable[[Any], Iterable[tuple[str, str]]],
+        Any,
+    ]
+    _headers: Headers
+    _host: str
+    _cookies: Mapping[str, str]
 
     def __init__(
         self,
@@ -187,80 +270,182 @@ class RequestSnapshot:
                 continue
             if not isinstance(value, str):
                 raise TypeError(f"RequestSnapshot.{attr} must be a str, got {type(value).__name__}")
-        set_ = object.__setattr__
-        set_(self, "method", method.upper())
-        set_(self, "scheme", scheme)
-        set_(self, "host", host or hdrs.get("host", ""))
-        set_(self, "path", path)
-        set_(self, "query", query)
-        set_(self, "client", client)
-        set_(self, "headers", hdrs)
-        set_(self, "cookies", MappingProxyType(_parse_cookies(hdrs.get_all("cookie"))))
+        set_ = _set
+        # The headers are decoded already: _raw's last two items are never read.
+        set_(self, "_raw", (method.upper(), scheme, path, query, client, "", _text_lines, ()))
+        set_(self, "_headers", hdrs)
+        set_(self, "_host", host or hdrs.get("host", ""))
+
+    # -- attributes ----------------------------------------------------------
+    @property
+    def method(self) -> str:
+        """The request method, uppercase."""
+        return self._raw[0].upper()
+
+    @property
+    def scheme(self) -> str:
+        """``http``, ``https``, ``ws`` or ``wss``."""
+        return self._raw[1]
+
+    @property
+    def path(self) -> str:
+        """The request path, percent-decoded as the server gave it."""
+        return self._raw[2]
+
+    @property
+    def query(self) -> str:
+        """The raw query string, without ``?``."""
+        query = self._raw[3]
+        return query if isinstance(query, str) else query.decode("latin-1")
+
+    @property
+    def client(self) -> str | None:
+        """The client address, ``"host:port"``, or ``None`` when unknown."""
+        client = self._raw[4]
+        if isinstance(client, tuple):
+            return _address(client) if client else None
+        return client
+
+    @property
+    def headers(self) -> Headers:
+        """The request headers (:class:`Headers`), cleaned and capped."""
+        try:
+            return self._headers
+        except AttributeError:
+            raw = self._raw
+            # Two threads may both get here: they build equal values, and
+            # the slot assignment is atomic.
+            headers = Headers(raw[6](raw[7]))
+            _set(self, "_headers", headers)
+            return headers
+
+    @property
+    def cookies(self) -> Mapping[str, str]:
+        """The request cookies, read-only; the first occurrence of a name wins."""
+        try:
+            return self._cookies
+        except AttributeError:
+            cookies = MappingProxyType(_parse_cookies(self.headers.get_all("cookie")))
+            _set(self, "_cookies", cookies)
+            return cookies
+
+    @property
+    def host(self) -> str:
+        """The Host header, else the server's address, else ``""``."""
+        try:
+            return self._host
+        except AttributeError:
+            server = self._raw[5]
+            if isinstance(server, tuple):
+                server = _address(server) if server and server[1:2] != (None,) else ""
+            host = self.headers.get("host") or server
+            _set(self, "_host", host)
+            return host
 
     # -- constructors from raw server data ----------------------------------
     @classmethod
     def from_asgi(cls, scope: Mapping[str, Any]) -> RequestSnapshot:
         """Snapshot an ASGI ``http`` or ``websocket`` scope."""
-        lines: list[tuple[str, str]] = []
-        for pair in scope.get("headers") or ():
-            # ASGI headers are pairs of byte strings.  Check the types rather
-            # than call bytes() on whatever came: bytes(0) is b"" and
-            # bytes(2**40) allocates a terabyte.
-            if (
-                isinstance(pair, (tuple, list))
-                and len(pair) == 2
-                and isinstance(pair[0], (bytes, bytearray))
-                and isinstance(pair[1], (bytes, bytearray))
-            ):
-                lines.append((pair[0].decode("latin-1"), pair[1].decode("latin-1")))
-            else:
-                _log.debug("ctxrelay: dropped a malformed ASGI header entry")
-        headers = Headers(lines)
-        client = scope.get("client")
-        server = scope.get("server")
-        host = headers.get("host") or (
-            f"{server[0]}:{server[1]}" if server and server[1] is not None else ""
-        )
-        query = scope.get("query_string", b"")
+        return cls._from_asgi(scope)[0]
+
+    @classmethod
+    def _from_asgi(cls, scope: Mapping[str, Any]) -> tuple[RequestSnapshot, tuple[Any, ...] | None]:
+        """The snapshot, and the scope's header entries when they are a value
+        copy kept raw (the door reads them too), else ``None``."""
+        # What a server sends -- str, bytes, (host, port) tuples, tuples of
+        # bytes pairs -- is immutable: keep it raw and decode it on access.
+        # Anything else is normalized now, into copies.
+        try:
+            headers, method, scheme, path, query, client, server = _ASGI_FIELDS(scope)
+            # The header entries as a tuple: a value copy when hashable all
+            # through -- no list or bytearray the app could change later.
+            # hash() checks that in C; ASGI's tuples of bytes pairs pass.
+            raw = tuple(headers)
+            hash(raw)
+        except Exception:  # a key missing, or odd values: the careful path
+            return cls._from_odd_asgi(scope)
+        if not (
+            type(method) is str
+            and type(scheme) is str
+            and scheme
+            and type(path) is str
+            and type(query) is bytes
+            and type(client) is tuple
+            and type(server) is tuple
+        ):
+            return cls._from_odd_asgi(scope)
+        snap = _new(cls)
+        _set(snap, "_raw", (method, scheme, path, query, client, server, _asgi_lines, raw))
+        return snap, raw
+
+    @classmethod
+    def _from_odd_asgi(
+        cls, scope: Mapping[str, Any]
+    ) -> tuple[RequestSnapshot, tuple[Any, ...] | None]:
+        # Whatever a broken server or a test put in the scope: normalized now.
+        raw: tuple[Any, ...] = ()
+        frozen = True
+        try:
+            headers = scope.get("headers")
+            raw = tuple(headers) if headers else ()
+            hash(raw)
+        except Exception:
+            frozen = False
+        decode: Callable[[Any], Iterable[tuple[str, str]]] = _asgi_lines
+        if not frozen:  # not iterable, or mutable entries: decode them now
+            decode, raw = _text_lines, tuple(_asgi_lines(raw))
+        method = _str(scope.get("method"), "GET")
         scheme = scope.get("scheme") or ("ws" if scope.get("type") == "websocket" else "http")
-        return cls(
-            method=str(scope.get("method", "GET")),
-            scheme=str(scheme),
-            host=host,
-            path=str(scope.get("path", "/")),
-            query=bytes(query).decode("latin-1") if query else "",
-            client=f"{client[0]}:{client[1]}" if client else None,
-            headers=headers,
-        )
+        path = _str(scope.get("path"), "/")
+        query = scope.get("query_string")
+        query = bytes(query).decode("latin-1") if isinstance(query, (bytes, bytearray)) else ""
+        client = scope.get("client")
+        if not client:
+            client = None
+        elif type(client) is not tuple:  # a list could change later: format it now
+            client = f"{client[0]}:{client[1]}"
+        server = scope.get("server")
+        if not server:
+            server = ""
+        elif type(server) is not tuple or server[1] is None:
+            server = f"{server[0]}:{server[1]}" if server[1] is not None else ""
+        snap = _new(cls)
+        _set(snap, "_raw", (method, _str(scheme, ""), path, query, client, server, decode, raw))
+        return snap, raw if frozen else None
 
     @classmethod
     def from_wsgi(cls, environ: Mapping[str, Any]) -> RequestSnapshot:
         """Snapshot a WSGI environ (PEP 3333: strings are latin-1 decoded bytes)."""
-        lines: list[tuple[str, str]] = []
-        for key, value in environ.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                continue
-            if key.startswith("HTTP_"):
-                lines.append((key[5:].replace("_", "-"), value))
-            elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
-                lines.append((key.replace("_", "-"), value))
-        headers = Headers(lines)
+        raw = tuple(
+            (key, value)
+            for key, value in environ.items()
+            if isinstance(key, str)
+            and isinstance(value, str)
+            and (key.startswith("HTTP_") or (key in _WSGI_CONTENT and value))
+        )
         path = _wsgi_text(environ.get("SCRIPT_NAME", "")) + _wsgi_text(environ.get("PATH_INFO", ""))
-        host = headers.get("host") or str(environ.get("SERVER_NAME", ""))
-        if not headers.get("host") and environ.get("SERVER_PORT"):
-            host = f"{host}:{environ['SERVER_PORT']}"
+        server = str(environ.get("SERVER_NAME", ""))
+        if environ.get("SERVER_PORT"):
+            server = f"{server}:{environ['SERVER_PORT']}"
         addr = environ.get("REMOTE_ADDR")
         port = environ.get("REMOTE_PORT")
         client = (f"{addr}:{port}" if port else str(addr)) if addr else None
-        return cls(
-            method=str(environ.get("REQUEST_METHOD", "GET")),
-            scheme=str(environ.get("wsgi.url_scheme", "http")),
-            host=host,
-            path=path or "/",
-            query=str(environ.get("QUERY_STRING", "")),
-            client=client,
-            headers=headers,
+        snap = _new(cls)
+        _set(
+            snap,
+            "_raw",
+            (
+                str(environ.get("REQUEST_METHOD", "GET")).upper(),
+                str(environ.get("wsgi.url_scheme", "http")),
+                path or "/",
+                str(environ.get("QUERY_STRING", "")),
+                client,
+                server,
+                _wsgi_lines,
+                raw,
+            ),
         )
+        return snap
 
     # -- value semantics -----------------------------------------------------
     def _state(self) -> tuple[Any, ...]:
