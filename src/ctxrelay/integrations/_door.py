@@ -11,20 +11,31 @@ Shared by the ASGI, WSGI and Django middleware, so the three apply one rule:
 Inbound data is hostile: :meth:`Door.open` never raises.  If anything in the
 request trips the snapshot or the extraction, the request still gets a
 context with a fresh request id, and the failure is logged.
+
+Cost: the door runs on every request, so :func:`open_asgi` makes one pass
+over the scope's raw header pairs and compares their ``bytes`` names with
+sets kept per policy (:class:`Plan`): a name seen before costs one set
+lookup.  The snapshot keeps the raw pairs and decodes them on first use;
+``extract()`` runs only when a header it reads (a captured one,
+``traceparent``, ``tracestate``, ``baggage`` when some peer is trusted) is
+present.  Anything unusual -- names not lowercase tokens, entries that are
+not pairs of ``bytes`` -- takes the careful path, which reads the decoded
+snapshot and gives the same result.  :func:`open_wsgi` does the same with
+environ keys.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
-import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._context import REQUEST_ID, Context, validate_field
 from .._policy import Policy, active
 from .._request import RequestSnapshot
-from .._wire import extract
+from .._wire import BAGGAGE, TRACEPARENT, TRACESTATE, extract
 
 __all__ = ["Door", "RequestIdValidator", "valid_request_id"]
 
@@ -37,16 +48,89 @@ RequestIdValidator = Callable[[str], bool]
 # "Root=1-...", Heroku's, Envoy's).  The alphabet keeps ids safe in a log
 # line, a header and a baggage value alike.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_accepted = _REQUEST_ID.fullmatch
+
+# Environ keys as PEP 3333 servers write them ("\0" separates them); a key
+# with anything else is left to the careful path.
+_ODD_ENVIRON_KEYS = re.compile(r"[^A-Z0-9_\0]")
+_ENVIRON_CONTENT = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
+
+
+# What the door reads as it is: lowercase HTTP token names.
+_TOKEN_LOWER = b"abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~"
+_PLAIN_MAX = 4096
 
 
 def valid_request_id(value: str) -> bool:
     """The default validator: 1-128 characters of ``A-Z a-z 0-9 . _ : -``."""
-    return _REQUEST_ID.fullmatch(value) is not None
+    return _accepted(value) is not None
 
 
 def new_request_id() -> str:
-    """A fresh request id: 32 lowercase hex digits (a UUID4)."""
-    return uuid.uuid4().hex
+    """A fresh request id: 32 lowercase hex digits, 128 random bits.
+
+    ``os.urandom`` directly: the bits of a UUID4 without building a ``UUID``
+    (four times cheaper); the format is the one ``uuid4().hex`` has, less
+    its fixed version digits.
+    """
+    return os.urandom(16).hex()
+
+
+def _environ_key(name: str) -> str:
+    key = name.upper().replace("-", "_")
+    return key if key in _ENVIRON_CONTENT else "HTTP_" + key
+
+
+class Plan(NamedTuple):
+    """What the door looks for under one policy, precomputed once per policy.
+
+    ``extracted`` are the headers whose presence means ``extract()`` has work:
+    the captured ones, ``traceparent``, ``tracestate``, and ``baggage`` when
+    the policy trusts any peer.  The request-id header is the door's own.
+    """
+
+    policy: Policy
+    name: str
+    name_bytes: bytes | None  # None: no ASGI header can carry that name
+    environ_key: str
+    extracted: frozenset[bytes]
+    extracted_environ: frozenset[str]
+    #: ASGI names seen before that are lowercase tokens, neither ``extracted``
+    #: nor the request-id header: the door skips them with one set lookup.
+    plain: set[bytes]
+
+    @classmethod
+    def build(cls, policy: Policy, fixed: str | None) -> Plan:
+        """The plan for ``policy``; ``fixed`` is the door's own header name, if any."""
+        name = fixed or policy.request_id_header
+        try:
+            name_bytes: bytes | None = name.encode("latin-1")
+        except UnicodeEncodeError:
+            name_bytes = None
+        wanted = set(policy.capture) | {TRACEPARENT, TRACESTATE}
+        if policy.trusted_peers:
+            wanted.add(BAGGAGE)
+        return cls(
+            policy,
+            name,
+            name_bytes,
+            "HTTP_" + name.upper().replace("-", "_"),
+            frozenset(n.encode("ascii") for n in wanted),  # capture names are ASCII
+            frozenset(map(_environ_key, wanted))
+            | {"HTTP_" + n.upper().replace("-", "_") for n in wanted},
+            set(),
+        )
+
+    def learn(self, name: object) -> bool:
+        """Whether an ASGI header ``name`` that is neither plain yet, nor the
+        request-id header, nor extracted, may be read as it is: a lowercase
+        token in ``bytes``.  Such a name becomes plain (up to a bound: names
+        come from outside)."""
+        if type(name) is not bytes or not name or name.translate(None, _TOKEN_LOWER):
+            return False  # uppercase, padded, not bytes: only the careful path reads it right
+        if len(self.plain) < _PLAIN_MAX:
+            self.plain.add(name)
+        return True
 
 
 def _shown(value: str) -> str:
@@ -67,7 +151,7 @@ class Door:
         be a valid context field (no control character, at most 4096 bytes).
     """
 
-    __slots__ = ("_custom", "_fixed", "_name", "_policy", "validator")
+    __slots__ = ("_custom", "_fixed", "current_plan", "validator")
 
     def __init__(
         self, header_name: str | None = None, validator: RequestIdValidator | None = None
@@ -77,19 +161,25 @@ class Door:
         if validator is not None and not callable(validator):
             raise TypeError("validator must be a callable taking the inbound id")
         self._fixed = header_name.lower() if header_name else None
-        self._policy: Policy | None = None
-        self._name = self._fixed or active().request_id_header
+        #: The last plan built; callers on a hot path check its ``policy``
+        #: against the active one themselves, else call :meth:`plan`.
+        self.current_plan = Plan.build(active(), self._fixed)
         self.validator = validator or valid_request_id
         self._custom = validator is not None
+
+    def plan(self) -> Plan:
+        """The :class:`Plan` for the policy in force now (rebuilt when it changes)."""
+        plan = self.current_plan
+        policy = active()
+        if plan.policy is not policy:
+            # Two threads may both rebuild: equal plans, an atomic assignment.
+            plan = self.current_plan = Plan.build(policy, self._fixed)
+        return plan
 
     @property
     def header_name(self) -> str:
         """The lowercase request-id header name in force now."""
-        if self._fixed is None:
-            policy = active()
-            if policy is not self._policy:
-                self._policy, self._name = policy, policy.request_id_header
-        return self._name
+        return self.plan().name
 
     def open(self, snapshot: RequestSnapshot, raw_id: str | None, peer: str | None) -> Context:
         """The context for one request.
@@ -99,12 +189,15 @@ class Door:
         logged and replaced.  ``peer`` (``host:port``) decides whether baggage
         is trusted (an edge service trusts no one; see ``Policy``).
         """
-        try:
-            fields = dict(extract(snapshot.headers, peer=peer))
-        except Exception:  # a bug of ours must not fail the request
-            _log.exception("ctxrelay: could not extract inbound fields; continuing without them")
-            fields = {}
-        fields[REQUEST_ID] = self.request_id(raw_id)
+        return self._bind(_extracted(snapshot, peer), raw_id, snapshot)
+
+    def _bind(
+        self, fields: dict[str, str], raw_id: str | None, snapshot: RequestSnapshot
+    ) -> Context:
+        if raw_id is not None and not self._custom and _accepted(raw_id) is not None:
+            fields[REQUEST_ID] = raw_id  # request_id()'s common case, inlined
+        else:
+            fields[REQUEST_ID] = self.request_id(raw_id)
         return Context._make(fields, snapshot)
 
     def fallback(self, raw_id: object) -> Context:
@@ -129,7 +222,7 @@ class Door:
 
     def _accepts(self, raw: str) -> bool:
         if not self._custom:
-            return _REQUEST_ID.fullmatch(raw) is not None
+            return _accepted(raw) is not None
         try:
             if not self.validator(raw):
                 return False
@@ -138,6 +231,14 @@ class Door:
             _log.debug("ctxrelay: inbound request id refused: %s", exc)
             return False
         return True
+
+
+def _extracted(snapshot: RequestSnapshot, peer: str | None) -> dict[str, str]:
+    try:
+        return dict(extract(snapshot.headers, peer=peer))
+    except Exception:  # a bug of ours must not fail the request
+        _log.exception("ctxrelay: could not extract inbound fields; continuing without them")
+        return {}
 
 
 def header_from_asgi(scope: Mapping[str, Any], name: bytes) -> str | None:
@@ -170,26 +271,81 @@ def _peer(host: object, port: object) -> str | None:
     return f"{host}:{port}" if isinstance(port, (int, str)) and port != "" else host
 
 
-def open_asgi(door: Door, scope: Mapping[str, Any]) -> Context:
-    """The context for an ASGI ``http``/``websocket`` scope; never raises."""
-    raw: str | None = None
+def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) -> Context:
+    """The context for an ASGI ``http``/``websocket`` scope; never raises.
+
+    ``plan`` is ``door.plan()`` when the caller already has it.
+    """
+    raw_id: str | None = None
     try:
-        raw = header_from_asgi(scope, door.header_name.encode("latin-1"))
-        client = scope.get("client") or (None, None)
-        peer = _peer(client[0], client[1])
-        return door.open(RequestSnapshot.from_asgi(scope), raw, peer)
+        if plan is None:
+            plan = door.plan()
+        snapshot, raw = RequestSnapshot._from_asgi(scope)
+        name = plan.name_bytes
+        if raw is None or name is None:
+            return _open_asgi_carefully(door, plan, scope, snapshot)
+        # One pass over the raw pairs, names compared as bytes; a name seen
+        # before costs one set lookup.  This loop is the door's hot path.
+        plain, extracted = plan.plain, plan.extracted
+        value: Any = None
+        needed = False
+        try:
+            for key, item in raw:
+                if key in plain:
+                    continue
+                if key == name:
+                    if value is None:
+                        value = item  # a repeated id header: the first counts
+                elif key in extracted:
+                    needed = True
+                elif not plan.learn(key):
+                    return _open_asgi_carefully(door, plan, scope, snapshot)
+        except (TypeError, ValueError):  # an entry that is not a pair, an unhashable name
+            return _open_asgi_carefully(door, plan, scope, snapshot)
+        if value is not None:
+            if type(value) is not bytes:
+                return _open_asgi_carefully(door, plan, scope, snapshot)
+            raw_id = value.decode("latin-1")
+            if not needed and not door._custom and _accepted(raw_id) is not None:
+                return Context._make({REQUEST_ID: raw_id}, snapshot)  # the common case
+        fields = _extracted(snapshot, _asgi_peer(scope)) if needed else {}
+        return door._bind(fields, raw_id, snapshot)
     except Exception:
         _log.warning("ctxrelay: could not snapshot an ASGI request", exc_info=True)
-        return door.fallback(raw)
+        return door.fallback(raw_id)
+
+
+def _open_asgi_carefully(
+    door: Door, plan: Plan, scope: Mapping[str, Any], snapshot: RequestSnapshot
+) -> Context:
+    # Headers that are not a clean ASGI list: read them as they come.
+    raw_id = header_from_asgi(scope, plan.name.encode("latin-1"))
+    return door.open(snapshot, raw_id, _asgi_peer(scope))
+
+
+def _asgi_peer(scope: Mapping[str, Any]) -> str | None:
+    client = scope.get("client") or (None, None)
+    return _peer(client[0], client[1])
 
 
 def open_wsgi(door: Door, environ: Mapping[str, Any]) -> Context:
     """The context for a WSGI environ; never raises."""
-    raw: str | None = None
+    raw_id: str | None = None
     try:
-        raw = header_from_wsgi(environ, door.header_name)
+        plan = door.plan()
+        value = environ.get(plan.environ_key)
+        raw_id = value if isinstance(value, str) else None
+        snapshot = RequestSnapshot.from_wsgi(environ)
+        keys = [key for key in environ if type(key) is str and key.startswith(_WSGI_HEADERS)]
+        if plan.extracted_environ.isdisjoint(keys) and not _ODD_ENVIRON_KEYS.search(
+            "\0".join(keys)
+        ):
+            return door._bind({}, raw_id, snapshot)
         peer = _peer(environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"))
-        return door.open(RequestSnapshot.from_wsgi(environ), raw, peer)
+        return door._bind(_extracted(snapshot, peer), raw_id, snapshot)
     except Exception:
         _log.warning("ctxrelay: could not snapshot a WSGI request", exc_info=True)
-        return door.fallback(raw)
+        return door.fallback(raw_id)
+
+
+_WSGI_HEADERS = ("HTTP_", "CONTENT_")

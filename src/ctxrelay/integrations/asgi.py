@@ -30,6 +30,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from .. import _policy
 from .._context import _CURRENT, REQUEST_ID
 from ._door import Door, RequestIdValidator, open_asgi, valid_request_id
 
@@ -43,9 +44,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _errors = logging.getLogger("ctxrelay.asgi")
 
-# The messages that open a response and may carry its headers.
-_STARTS = ("http.response.start", "websocket.accept")
-
 
 class RelayMiddleware:
     """Bind a request's ``Context`` (fields, request id, snapshot) for its whole
@@ -57,7 +55,7 @@ class RelayMiddleware:
     ``validator``
         ``callable(str) -> bool``: keep an inbound id?  The default accepts
         1-128 characters of ``A-Z a-z 0-9 . _ : -``; anything else is
-        replaced by a new UUID4 hex (logged at debug level).
+        replaced by a new random id, 32 hex digits (logged at debug level).
     ``echo``
         Send the request id back as a response header (and on a websocket
         accept).
@@ -91,9 +89,13 @@ class RelayMiddleware:
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)  # lifespan: untouched
             return
-        ctx = open_asgi(self._door, scope)
-        if self.echo:
-            send = _echoing(send, self._door.header_name, ctx[REQUEST_ID])
+        door = self._door
+        plan = door.current_plan
+        if plan.policy is not _policy._active:  # Door.plan(), inlined: runs per request
+            plan = door.plan()
+        ctx = open_asgi(door, scope, plan)
+        if self.echo and plan.name_bytes is not None:
+            send = _echoing(send, (plan.name_bytes, ctx._fields[REQUEST_ID].encode("latin-1")))
         token = _CURRENT.set(ctx)
         try:
             await self.app(scope, receive, send)
@@ -105,11 +107,12 @@ class RelayMiddleware:
             _CURRENT.reset(token)
 
 
-def _echoing(send: Send, name: str, request_id: str) -> Send:
-    header = (name.encode("latin-1"), request_id.encode("latin-1"))
-
+def _echoing(send: Send, header: tuple[bytes, bytes]) -> Send:
+    # A module-level factory: a closure built in __call__ would turn its
+    # variables into cells on every call, echo or not.
     async def send_with_id(message: Message) -> None:
-        if message.get("type") in _STARTS:
+        kind = message.get("type")
+        if kind == "http.response.start" or kind == "websocket.accept":
             message = _with_header(message, header)
         await send(message)
 
@@ -118,14 +121,23 @@ def _echoing(send: Send, name: str, request_id: str) -> Send:
 
 def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
     # A copy: the app may reuse its message dict.  An id the app set itself wins.
+    name = header[0]
+    size = len(name)
+    headers = message.get("headers") or ()
     try:
-        headers = list(message.get("headers") or ())
-        if any(bytes(key).lower() == header[0] for key, _ in headers):
-            return message
+        if type(headers) is not list:
+            headers = list(headers)  # a tuple, or an iterator to read once
+        for key, _ in headers:
+            if len(key) == size:  # the length first: most names differ in it
+                if type(key) is not bytes:
+                    key = bytes(key)
+                if key.lower() == name:
+                    return message
     except (TypeError, ValueError):
         return message  # the server will judge malformed headers, not us
-    headers.append(header)
-    return {**message, "headers": headers}
+    copy = dict(message)
+    copy["headers"] = [*headers, header]
+    return copy
 
 
 def _log_error(scope: Scope) -> None:
