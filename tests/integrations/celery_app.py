@@ -38,7 +38,7 @@ def _in_subprocess() -> Fields:
     return dict(ctxrelay.current())
 
 
-def make_app(broker: str, backend: str, queue: str, *, visibility_timeout: int = 5) -> Celery:
+def make_app(broker: str, backend: str, queue: str, *, visibility_timeout: int = 3600) -> Celery:
     """An app routing every task to ``queue``, with ctxrelay installed."""
     app = Celery("ctxrelay_tests", broker=broker, backend=backend, set_as_current=False)
     app.conf.update(

@@ -40,8 +40,11 @@ Decisions, and the holes they close:
   *before* Celery logs "raised unexpected" / "retry in 1s": resetting there
   would strip the request id from exactly the lines one searches for (the
   symptom of asgi-correlation-id #100, which also reset with ``set(None)``
-  instead of a token).  ``task_revoked`` needs nothing: a revoked task either
-  never ran, or its process was killed.
+  instead of a token).  ``task_revoked`` needs nothing: a task revoked before
+  it runs never binds anything; ``revoke(terminate=True)`` either kills the
+  pool process or, with a catchable signal (SIGUSR1 raises
+  ``SoftTimeLimitExceeded``), fails the task, and ``task_postrun`` resets as
+  after any failure (tests/integrations/test_celery_revoke.py).
 * The binding replaces, never merges: the task sees exactly its message's
   context, whatever the worker thread held before.
 * A retry is published from inside the task, so it carries the bound context
