@@ -30,7 +30,16 @@ from ._context import _NAME, EMPTY, REQUEST_ID, Context, current, validate_field
 from ._policy import Origin, Policy, Route, active
 from ._request import MAX_HEADERS
 
-__all__ = ["BAGGAGE", "TRACEPARENT", "TRACESTATE", "Sent", "extract", "inject", "inject_hop"]
+__all__ = [
+    "BAGGAGE",
+    "TRACEPARENT",
+    "TRACESTATE",
+    "Sent",
+    "extract",
+    "fields_from",
+    "inject",
+    "inject_hop",
+]
 
 _log = logging.getLogger("ctxrelay")
 
@@ -333,12 +342,15 @@ def _collect(headers: object, wanted: AbstractSet[str]) -> dict[str, list[str]]:
             raw_name, raw_value = line
         except (TypeError, ValueError):
             continue
-        name, value = _text(raw_name), _text(raw_value)
-        if name is None or value is None:
+        # str is the common case: no call for it.
+        name = raw_name if type(raw_name) is str else _text(raw_name)
+        if name is None:
             continue
         name = name.strip().lower()
         if name in wanted:
-            found.setdefault(name, []).append(value.strip(_OWS))
+            value = raw_value if type(raw_value) is str else _text(raw_value)
+            if value is not None:
+                found.setdefault(name, []).append(value.strip(_OWS))
     return found
 
 
@@ -392,7 +404,18 @@ def _extract(headers: object, peer: str | None, in_house: bool) -> Context:
     wanted = policy.capture | {rid_header, TRACEPARENT, TRACESTATE}
     if trusted:
         wanted |= {BAGGAGE}
-    found = _collect(headers, wanted)
+    fields = fields_from(_collect(headers, wanted), policy)
+    return Context._make(fields, None) if fields else EMPTY
+
+
+def fields_from(found: Mapping[str, list[str]], policy: Policy) -> dict[str, str]:
+    """The fields ``extract()`` makes of the header lines it ``found``.
+
+    ``found`` maps a lowercase header name to its values in arrival order,
+    stripped of surrounding blanks; ``baggage`` is read when present (leave
+    it out when the peer is not trusted).  The web door calls this with the
+    lines it collected from raw ASGI pairs, so both read headers alike.
+    """
     fields: dict[str, str] = {}
     if BAGGAGE in found:
         skip = _not_baggage(policy)
@@ -408,7 +431,7 @@ def _extract(headers: object, peer: str | None, in_house: bool) -> Context:
         state = ",".join(found.get(TRACESTATE, []))
         if state and _valid(TRACESTATE, state):
             fields[TRACESTATE] = state
-    ids = found.get(rid_header, [])
+    ids = found.get(policy.request_id_header, [])
     if len(ids) == 1 and ids[0] and _valid(REQUEST_ID, ids[0]):
         fields[REQUEST_ID] = ids[0]
-    return Context._make(fields, None) if fields else EMPTY
+    return fields

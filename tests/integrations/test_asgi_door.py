@@ -14,8 +14,11 @@ import threading
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 import ctxrelay
-from ctxrelay import _policy
+from ctxrelay import RequestSnapshot, _policy
 from ctxrelay.integrations import wsgi
 from ctxrelay.integrations.asgi import RelayMiddleware
 
@@ -214,3 +217,39 @@ def test_wsgi_keys_a_server_did_not_uppercase_are_still_captured() -> None:
     assert odd["x-tenant"] == "acme"
     assert "x-tenant" not in plain
     assert plain["request_id"] == "rid-7"
+
+
+# -- the fast path reads exactly what the decoded snapshot holds ------------------------
+
+NAMES = [b"x-tenant", b"cookie", b"traceparent", b"tracestate", b"baggage", b"x-request-id"]
+VALUES = st.one_of(
+    st.sampled_from([TRACEPARENT, b"acme", b"user=alice,team=a%20b", b"k=v; k2=v2", b"rojo=1"]),
+    st.binary(max_size=40),
+    st.builds(lambda n: b"v" * n, st.sampled_from([4096, 8192, 8193])),
+)
+PAIRS = st.lists(
+    st.tuples(st.one_of(st.sampled_from(NAMES), st.sampled_from([b"host", b"Accept"])), VALUES),
+    max_size=10,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pairs=PAIRS,
+    capture=st.sets(st.sampled_from(["x-tenant", "cookie", "x-request-id"])),
+    trusted=st.booleans(),
+)
+def test_the_fast_path_extracts_exactly_what_the_decoded_snapshot_gives(
+    pairs: list[tuple[bytes, bytes]], capture: set[str], trusted: bool
+) -> None:
+    _policy.configure(
+        _policy.Policy(capture=capture, trusted_peers=("10.0.0.9",) if trusted else ())
+    )
+    probe = Probe()
+    call(RelayMiddleware(probe), http_scope(*pairs))
+    got = dict(probe.contexts[0])
+    snapshot = RequestSnapshot.from_asgi(http_scope(*pairs))
+    expected = dict(ctxrelay.extract(snapshot.headers, peer="10.0.0.9:5000"))
+    expected.pop("request_id", None)  # the door's own rule decides the id
+    got.pop("request_id")
+    assert got == expected

@@ -34,8 +34,14 @@ from typing import Any, NamedTuple
 
 from .._context import REQUEST_ID, Context, validate_field
 from .._policy import Policy, active
-from .._request import RequestSnapshot
-from .._wire import BAGGAGE, TRACEPARENT, TRACESTATE, extract
+from .._request import (
+    _CONTROL,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    MAX_HEADERS_TOTAL_BYTES,
+    RequestSnapshot,
+)
+from .._wire import BAGGAGE, TRACEPARENT, TRACESTATE, extract, fields_from
 
 __all__ = ["Door", "RequestIdValidator", "valid_request_id"]
 
@@ -95,6 +101,8 @@ class Plan(NamedTuple):
     environ_key: str
     extracted: frozenset[bytes]
     extracted_environ: frozenset[str]
+    #: Whether the request-id header is also one of ``extracted``.
+    id_extracted: bool
     #: ASGI names seen before that are lowercase tokens, neither ``extracted``
     #: nor the request-id header: the door skips them with one set lookup.
     plain: set[bytes]
@@ -110,14 +118,16 @@ class Plan(NamedTuple):
         wanted = set(policy.capture) | {TRACEPARENT, TRACESTATE}
         if policy.trusted_peers:
             wanted.add(BAGGAGE)
+        extracted = frozenset(n.encode("ascii") for n in wanted)  # capture names are ASCII
         return cls(
             policy,
             name,
             name_bytes,
             "HTTP_" + name.upper().replace("-", "_"),
-            frozenset(n.encode("ascii") for n in wanted),  # capture names are ASCII
+            extracted,
             frozenset(map(_environ_key, wanted))
             | {"HTTP_" + n.upper().replace("-", "_") for n in wanted},
+            name_bytes in extracted,
             set(),
         )
 
@@ -296,6 +306,8 @@ def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) ->
                 if key == name:
                     if value is None:
                         value = item  # a repeated id header: the first counts
+                    if plan.id_extracted:  # the id header is captured too
+                        needed = True
                 elif key in extracted:
                     needed = True
                 elif not plan.learn(key):
@@ -308,11 +320,48 @@ def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) ->
             raw_id = value.decode("latin-1")
             if not needed and not door._custom and _accepted(raw_id) is not None:
                 return Context._make({REQUEST_ID: raw_id}, snapshot)  # the common case
-        fields = _extracted(snapshot, _asgi_peer(scope)) if needed else {}
+        fields = _extract_raw(plan, raw, scope, snapshot) if needed else {}
         return door._bind(fields, raw_id, snapshot)
     except Exception:
         _log.warning("ctxrelay: could not snapshot an ASGI request", exc_info=True)
         return door.fallback(raw_id)
+
+
+def _extract_raw(
+    plan: Plan, raw: tuple[Any, ...], scope: Mapping[str, Any], snapshot: RequestSnapshot
+) -> dict[str, str]:
+    """``extract(snapshot.headers)`` read straight from the raw pairs.
+
+    The snapshot drops a line with a control character or over
+    ``MAX_HEADER_BYTES``, and stops keeping lines past ``MAX_HEADERS`` or
+    ``MAX_HEADERS_TOTAL_BYTES``.  The first two are applied here line by
+    line; when the caps could bite, or a value is not ``bytes``, the decoded
+    snapshot is read instead (:func:`_extracted`).
+    """
+    extracted = plan.extracted
+    if len(raw) > MAX_HEADERS:
+        return _extracted(snapshot, _asgi_peer(scope))
+    found: dict[str, list[str]] = {}
+    total = 0
+    for key, item in raw:
+        if type(item) is not bytes:
+            return _extracted(snapshot, _asgi_peer(scope))
+        total += len(key) + len(item)
+        if key in extracted:
+            if type(key) is not bytes:
+                return _extracted(snapshot, _asgi_peer(scope))
+            text = item.decode("latin-1")
+            if len(text) <= MAX_HEADER_BYTES and not _CONTROL.search(text):
+                found.setdefault(key.decode("latin-1"), []).append(text.strip(" \t"))
+    if total > MAX_HEADERS_TOTAL_BYTES:
+        return _extracted(snapshot, _asgi_peer(scope))
+    if BAGGAGE in found and not plan.policy.trusts(_asgi_peer(scope)):
+        del found[BAGGAGE]
+    try:
+        return fields_from(found, plan.policy)
+    except Exception:  # a bug of ours must not fail the request
+        _log.exception("ctxrelay: could not extract inbound fields; continuing without them")
+        return {}
 
 
 def _open_asgi_carefully(
