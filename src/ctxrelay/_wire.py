@@ -53,7 +53,7 @@ TRACESTATE = "tracestate"
 _SAFE = "!#$&'()*-./:<=>?@[]^_`{|}~"
 _PLAIN = re.compile(r"[A-Za-z0-9!#$&'()*\-./:<=>?@\[\]^_`{|}~]*\Z")
 _OWS = " \t"
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?:-.*)?\Z")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
@@ -355,13 +355,13 @@ def _collect(headers: object, wanted: AbstractSet[str]) -> dict[str, list[str]]:
 
 
 def _valid_traceparent(value: str) -> bool:
-    match = _TRACEPARENT.match(value)
-    if match is None:
+    if _TRACEPARENT.match(value) is None:
         return False
-    version, trace_id, span_id, _, rest = match.groups()
-    if version == "ff" or (version == "00" and rest):
+    # The pattern fixes the positions: version-trace_id-span_id-flags[-rest].
+    version = value[:2]
+    if version == "ff" or (version == "00" and len(value) > 55):
         return False
-    return trace_id != _ZERO_TRACE and span_id != _ZERO_SPAN
+    return value[3:35] != _ZERO_TRACE and value[36:52] != _ZERO_SPAN
 
 
 def _valid(name: str, value: str) -> bool:

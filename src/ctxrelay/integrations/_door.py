@@ -298,7 +298,7 @@ def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) ->
         # before costs one set lookup.  This loop is the door's hot path.
         plain, extracted = plan.plain, plan.extracted
         value: Any = None
-        needed = False
+        hits: list[tuple[Any, Any]] | None = None  # the lines extract() reads
         try:
             for key, item in raw:
                 if key in plain:
@@ -307,9 +307,11 @@ def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) ->
                     if value is None:
                         value = item  # a repeated id header: the first counts
                     if plan.id_extracted:  # the id header is captured too
-                        needed = True
+                        hits = hits or []
+                        hits.append((key, item))
                 elif key in extracted:
-                    needed = True
+                    hits = hits or []
+                    hits.append((key, item))
                 elif not plan.learn(key):
                     return _open_asgi_carefully(door, plan, scope, snapshot)
         except (TypeError, ValueError):  # an entry that is not a pair, an unhashable name
@@ -318,9 +320,9 @@ def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) ->
             if type(value) is not bytes:
                 return _open_asgi_carefully(door, plan, scope, snapshot)
             raw_id = value.decode("latin-1")
-            if not needed and not door._custom and _accepted(raw_id) is not None:
+            if hits is None and not door._custom and _accepted(raw_id) is not None:
                 return Context._make({REQUEST_ID: raw_id}, snapshot)  # the common case
-        fields = _extract_raw(plan, raw, scope, snapshot) if needed else {}
+        fields = {} if hits is None else _extract_raw(plan, raw, hits, scope, snapshot)
         return door._bind(fields, raw_id, snapshot)
     except Exception:
         _log.warning("ctxrelay: could not snapshot an ASGI request", exc_info=True)
@@ -328,33 +330,33 @@ def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) ->
 
 
 def _extract_raw(
-    plan: Plan, raw: tuple[Any, ...], scope: Mapping[str, Any], snapshot: RequestSnapshot
+    plan: Plan,
+    raw: tuple[Any, ...],
+    hits: list[tuple[Any, Any]],
+    scope: Mapping[str, Any],
+    snapshot: RequestSnapshot,
 ) -> dict[str, str]:
-    """``extract(snapshot.headers)`` read straight from the raw pairs.
+    """``extract(snapshot.headers)`` read from the raw lines it needs, ``hits``.
 
     The snapshot drops a line with a control character or over
     ``MAX_HEADER_BYTES``, and stops keeping lines past ``MAX_HEADERS`` or
     ``MAX_HEADERS_TOTAL_BYTES``.  The first two are applied here line by
-    line; when the caps could bite, or a value is not ``bytes``, the decoded
+    line; when the caps could bite, or a line is not ``bytes``, the decoded
     snapshot is read instead (:func:`_extracted`).
     """
-    extracted = plan.extracted
-    if len(raw) > MAX_HEADERS:
+    try:
+        total = sum([len(key) + len(item) for key, item in raw])
+    except TypeError:  # a value without a length: leave it to the snapshot
+        total = MAX_HEADERS_TOTAL_BYTES + 1
+    if len(raw) > MAX_HEADERS or total > MAX_HEADERS_TOTAL_BYTES:
         return _extracted(snapshot, _asgi_peer(scope))
     found: dict[str, list[str]] = {}
-    total = 0
-    for key, item in raw:
-        if type(item) is not bytes:
+    for key, item in hits:
+        if type(key) is not bytes or type(item) is not bytes:
             return _extracted(snapshot, _asgi_peer(scope))
-        total += len(key) + len(item)
-        if key in extracted:
-            if type(key) is not bytes:
-                return _extracted(snapshot, _asgi_peer(scope))
-            text = item.decode("latin-1")
-            if len(text) <= MAX_HEADER_BYTES and not _CONTROL.search(text):
-                found.setdefault(key.decode("latin-1"), []).append(text.strip(" \t"))
-    if total > MAX_HEADERS_TOTAL_BYTES:
-        return _extracted(snapshot, _asgi_peer(scope))
+        text = item.decode("latin-1")
+        if len(text) <= MAX_HEADER_BYTES and not _CONTROL.search(text):
+            found.setdefault(key.decode("latin-1"), []).append(text.strip(" \t"))
     if BAGGAGE in found and not plan.policy.trusts(_asgi_peer(scope)):
         del found[BAGGAGE]
     try:
