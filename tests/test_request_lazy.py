@@ -13,7 +13,11 @@ import pickle
 import threading
 from typing import Any
 
-from ctxrelay import RequestSnapshot
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from ctxrelay import Headers, RequestSnapshot
+from ctxrelay._request import MAX_HEADER_BYTES, MAX_HEADERS, MAX_HEADERS_TOTAL_BYTES
 
 Scope = dict[str, Any]
 
@@ -140,3 +144,53 @@ def test_a_scope_without_optional_keys_still_snapshots() -> None:
     assert (snap.host, snap.client) == ("a.example", None)
     websocket = RequestSnapshot.from_asgi({"type": "websocket", "path": "/ws"})
     assert websocket.scheme == "ws"
+
+
+# -- the bulk check for usual headers keeps exactly what line-by-line rules keep ---------
+
+CONTROL = {chr(c) for c in (*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F)}
+
+
+def kept_by_the_rules(lines: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The snapshot's header rules, written out plainly as the reference."""
+    kept: list[tuple[str, str]] = []
+    total = 0
+    for raw_name, value in lines:
+        name = raw_name.strip().lower()
+        if not name or not all("!" <= ch <= "~" and ch != ":" for ch in name):
+            continue
+        if CONTROL.intersection(value) or len(value) > MAX_HEADER_BYTES:
+            continue
+        if len(kept) >= MAX_HEADERS or total + len(name) + len(value) > MAX_HEADERS_TOTAL_BYTES:
+            continue
+        total += len(name) + len(value)
+        kept.append((name, value))
+    return kept
+
+
+clean_names = st.sampled_from(["accept", "x-id", "cookie", "x.y_z~1"])
+odd_names = st.one_of(
+    st.sampled_from(["Host", " pad ", "a:b", "", "é", "x\x7f", "a b"]), st.text(max_size=8)
+)
+values = st.one_of(
+    st.sampled_from(["v", "a\tb", "", "x" * MAX_HEADER_BYTES, "a\rb", "nul\x00"]),
+    st.text(max_size=20),
+    st.just("y" * (MAX_HEADER_BYTES + 1)),
+)
+# Mostly the usual headers, so that the bulk check is taken -- and then
+# tripped by one odd name or value -- as often as the line-by-line path.
+header_text_lines = st.lists(
+    st.tuples(st.one_of(clean_names, clean_names, clean_names, odd_names), values), max_size=12
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=header_text_lines, copies=st.sampled_from([1, 1, 9, 30]))
+@example(lines=[("accept", "x" * MAX_HEADER_BYTES)], copies=9)  # over the total size
+@example(lines=[("x-id", "1")], copies=MAX_HEADERS + 2)  # over the count
+@example(lines=[("accept", "v"), ("x-id", "y" * (MAX_HEADER_BYTES + 1))], copies=1)
+def test_headers_keep_exactly_the_lines_the_rules_keep(
+    lines: list[tuple[str, str]], copies: int
+) -> None:
+    lines = lines * copies  # past the count and size caps now and then
+    assert Headers(lines).multi_items() == kept_by_the_rules(lines)

@@ -57,12 +57,19 @@ MAX_HEADERS_TOTAL_BYTES = 65536
 _VALID_NAME = re.compile(r"[!-9;-~]+\Z")
 # Control characters but horizontal tab: CR, LF and NUL would split a header.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Names kept as they are, "\0"-separated: printable ASCII without space, ":"
+# or an uppercase letter (so strip() and lower() would not change them).
+_CLEAN_NAMES = re.compile(r"[!-9;-@\[-~]+(?:\0[!-9;-@\[-~]+)*")
 
 
 def _clean_headers(raw: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    lines = raw if type(raw) is list else list(raw)
+    clean = _all_clean(lines)
+    if clean is not None:
+        return clean
     kept: list[tuple[str, str]] = []
     total = 0
-    for name, value in raw:
+    for name, value in lines:
         name = name.strip().lower()
         if not _VALID_NAME.match(name):
             _log.debug("ctxrelay: dropped a header with an invalid name %r", name[:64])
@@ -80,6 +87,32 @@ def _clean_headers(raw: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...
         total += size
         kept.append((name, value))
     return tuple(kept)
+
+
+def _all_clean(lines: list[tuple[str, str]]) -> tuple[tuple[str, str], ...] | None:
+    # The usual headers -- lowercase token names, printable values, within
+    # the caps -- checked in bulk: joined, two regexes.  None: go line by line.
+    if not lines or len(lines) > MAX_HEADERS:
+        return None
+    try:
+        names = [name for name, _ in lines]
+        values = [value for _, value in lines]
+        joined_names = "\0".join(names)
+        joined_values = "\t".join(values)  # a tab is allowed in a value
+    except (TypeError, ValueError):
+        return None  # the line-by-line path says what is wrong
+    separators = len(lines) - 1
+    if (
+        not _CLEAN_NAMES.fullmatch(joined_names)
+        or _CONTROL.search(joined_values)
+        or len(joined_names) + len(joined_values) - 2 * separators > MAX_HEADERS_TOTAL_BYTES
+    ):
+        return None
+    if len(joined_values) - separators > MAX_HEADER_BYTES and max(map(len, values)) > (
+        MAX_HEADER_BYTES
+    ):
+        return None
+    return tuple(zip(names, values, strict=True))
 
 
 def _parse_cookies(values: Iterable[str]) -> dict[str, str]:
@@ -167,6 +200,11 @@ _WSGI_CONTENT = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
 def _asgi_lines(raw: Iterable[object]) -> list[tuple[str, str]]:
     lines: list[tuple[str, str]] = []
     for pair in raw:
+        if type(pair) is tuple and len(pair) == 2:  # what servers send: one check
+            name, value = pair
+            if type(name) is bytes and type(value) is bytes:
+                lines.append((name.decode("latin-1"), value.decode("latin-1")))
+                continue
         # ASGI headers are pairs of byte strings.  Check the types rather
         # than call bytes() on whatever came: bytes(0) is b"" and
         # bytes(2**40) allocates a terabyte.
@@ -375,7 +413,7 @@ class RequestSnapshot:
         ):
             return cls._from_odd_asgi(scope)
         snap = _new(cls)
-        _set(snap, "_raw", (method, scheme, path, query, client, server, _asgi_lines, raw))
+        _set_raw(snap, (method, scheme, path, query, client, server, _asgi_lines, raw))
         return snap, raw
 
     @classmethod
@@ -498,6 +536,10 @@ class RequestSnapshot:
                 self.headers.multi_items(),
             ),
         )
+
+
+# The _raw slot's own setter: the door's path skips object.__setattr__'s lookup.
+_set_raw: Callable[[RequestSnapshot, Any], None] = RequestSnapshot.__dict__["_raw"].__set__
 
 
 def _rebuild(
