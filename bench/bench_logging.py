@@ -28,6 +28,18 @@ and the overhead -- the median over repetitions of (variant - bare) measured
 in the same repetition.
 
 Run: ``python bench/bench_logging.py`` (a minute or two) or ``--quick``.
+
+Timing on a shared 2-core machine moves single overheads by 100-200 ns,
+the size of the differences between the stdlib filters.  ``--one SECTION
+INDEX`` logs ``--records`` records through one variant and measures
+nothing, for a deterministic count under an external tool::
+
+    valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \
+        python bench/bench_logging.py --one stdlib 2 --fields 10 --records 3000
+
+run again with ``--records 1000``: the difference of the two ``I refs``
+totals, divided by 2000, is the instructions per record (with
+``PYTHONHASHSEED=0``, repeat runs agree within about 1%).
 """
 
 from __future__ import annotations
@@ -95,15 +107,22 @@ def _fields(count: int) -> dict[str, str]:
 
 #: Scopes entered for the whole run: a generator-based one (loguru's
 #: ``contextualize``) would reset its variable when garbage-collected.
-_ENTERED: list[AbstractContextManager[object]] = []
+_ENTERED: list[tuple[contextvars.Context, AbstractContextManager[object]]] = []
 
 
 def _context_with(scope: AbstractContextManager[object]) -> contextvars.Context:
     """A fresh ``contextvars.Context`` where only ``scope`` is entered."""
-    _ENTERED.append(scope)
     ctx = contextvars.Context()
     ctx.run(scope.__enter__)
+    _ENTERED.append((ctx, scope))
     return ctx
+
+
+def _leave_all() -> None:
+    """Exit the scopes, each in its own context (as loguru's tokens require)."""
+    while _ENTERED:
+        ctx, scope = _ENTERED.pop()
+        ctx.run(scope.__exit__, None, None, None)
 
 
 # -- stdlib logging -----------------------------------------------------------
@@ -383,6 +402,24 @@ def run(settings: Settings) -> None:
             verdicts += measure(section, count, settings)
     print("### ctxrelay's overhead against the anchors (ns per record over bare)\n")
     print(_table(["ctxrelay", "overhead", "anchor", "overhead", "ctxrelay is"], verdicts))
+    _leave_all()
+
+
+def run_one(section: str, index: int, count: int, records: int) -> None:
+    """Log ``records`` records through one variant (after a warm-up), untimed."""
+    (name,) = [name for name in SECTIONS if name.startswith(section)]
+    variant = SECTIONS[name](count)[index]
+    logging.setLogRecordFactory(variant.record_class)
+
+    def loop() -> None:
+        for _ in range(200 + records):
+            variant.log()
+
+    variant.context.run(loop)
+    line = variant.check()
+    _leave_all()
+    if index and REQUEST_ID not in line:
+        raise SystemExit(f"{variant.name}: the line lacks the request id")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -390,7 +427,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--reps", type=int, help="repetitions per variant")
+    parser.add_argument(
+        "--one", nargs=2, metavar=("SECTION", "INDEX"), help="only log through one variant"
+    )
+    parser.add_argument("--fields", type=int, default=10, help="fields bound, with --one")
+    parser.add_argument("--records", type=int, default=3000, help="records logged, with --one")
     args = parser.parse_args(argv)
+    if args.one:
+        run_one(args.one[0], int(args.one[1]), args.fields, args.records)
+        return 0
     settings = QUICK if args.quick else FULL
     if args.reps:
         settings = dataclasses.replace(settings, reps=args.reps)
