@@ -110,11 +110,13 @@ class RelayMiddleware:
 def _echoing(send: Send, header: tuple[bytes, bytes]) -> Send:
     # A module-level factory: a closure built in __call__ would turn its
     # variables into cells on every call, echo or not.
-    async def send_with_id(message: Message) -> None:
+    def send_with_id(message: Message) -> Awaitable[None]:
+        # Not a coroutine function: it hands back the server's own awaitable,
+        # which the app awaits -- no extra coroutine per message.
         kind = message.get("type")
         if kind == "http.response.start" or kind == "websocket.accept":
             message = _with_header(message, header)
-        await send(message)
+        return send(message)
 
     return send_with_id
 
