@@ -320,8 +320,6 @@ def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) ->
             if type(value) is not bytes:
                 return _open_asgi_carefully(door, plan, scope, snapshot)
             raw_id = value.decode("latin-1")
-            if hits is None and not door._custom and _accepted(raw_id) is not None:
-                return Context._make({REQUEST_ID: raw_id}, snapshot)  # the common case
         fields = {} if hits is None else _extract_raw(plan, raw, hits, scope, snapshot)
         return door._bind(fields, raw_id, snapshot)
     except Exception:
