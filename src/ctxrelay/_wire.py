@@ -53,7 +53,7 @@ TRACESTATE = "tracestate"
 _SAFE = "!#$&'()*-./:<=>?@[]^_`{|}~"
 _PLAIN = re.compile(r"[A-Za-z0-9!#$&'()*\-./:<=>?@\[\]^_`{|}~]*\Z")
 _OWS = " \t"
-_HEX = "0123456789abcdef"
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?:-.*)?\Z")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
@@ -355,16 +355,11 @@ def _collect(headers: object, wanted: AbstractSet[str]) -> dict[str, list[str]]:
 
 
 def _valid_traceparent(value: str) -> bool:
-    # version-trace_id-span_id-flags[-rest], lowercase hex: checked by
-    # position (a regex match costs twice as much on this hot path).
-    if len(value) < 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
+    if _TRACEPARENT.match(value) is None:
         return False
-    if (value[:2] + value[3:35] + value[36:52] + value[53:55]).strip(_HEX):
-        return False  # a character that is not lowercase hex
-    version, rest = value[:2], value[55:]
-    if rest and (rest[0] != "-" or "\n" in rest):  # what the W3C pattern's "-.*" allows
-        return False
-    if version == "ff" or (version == "00" and rest):
+    # The pattern fixes the positions: version-trace_id-span_id-flags[-rest].
+    version = value[:2]
+    if version == "ff" or (version == "00" and len(value) > 55):
         return False
     return value[3:35] != _ZERO_TRACE and value[36:52] != _ZERO_SPAN
 
