@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -253,3 +254,11 @@ def test_the_fast_path_extracts_exactly_what_the_decoded_snapshot_gives(
     expected.pop("request_id", None)  # the door's own rule decides the id
     got.pop("request_id")
     assert got == expected
+
+
+@pytest.mark.parametrize("name", ["x-réquest-id", "x request id", "x-id\r\n", "x:id"])
+def test_a_request_id_header_name_that_is_not_a_token_is_refused_at_setup(name: str) -> None:
+    with pytest.raises(ValueError, match="not an HTTP header name"):
+        RelayMiddleware(Probe(), header_name=name)
+    with pytest.raises(ValueError, match="not an HTTP header name"):
+        wsgi.RelayMiddleware(lambda environ, start_response: [], header_name=name)

@@ -47,6 +47,9 @@ __all__ = ["Door", "RequestIdValidator", "valid_request_id"]
 
 _log = logging.getLogger("ctxrelay")
 
+# RFC 9110 field-name: a token.
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+
 #: Decides whether an inbound request id is kept.
 RequestIdValidator = Callable[[str], bool]
 
@@ -168,6 +171,9 @@ class Door:
     ) -> None:
         if header_name is not None and (not isinstance(header_name, str) or not header_name):
             raise TypeError("header_name must be a non-empty str (or None for the policy's)")
+        if header_name is not None and not _HEADER_TOKEN.match(header_name):
+            # Checked here, once: a bad name would otherwise fail every request.
+            raise ValueError(f"header_name {header_name!r} is not an HTTP header name")
         if validator is not None and not callable(validator):
             raise TypeError("validator must be a callable taking the inbound id")
         self._fixed = header_name.lower() if header_name else None
