@@ -307,8 +307,8 @@ def websocket_session(app: Any, path: str, headers: dict[str, str]) -> list[dict
 
 
 def test_websocket_handler_sees_the_request_and_accept_echoes_the_id(box: Mailbox) -> None:
-    # No websocket library is installed for uvicorn: the session is driven in
-    # process over the same ASGI websocket protocol a server speaks.
+    # Driven in process over the ASGI websocket protocol a server speaks;
+    # test_asgi_websocket.py does it through uvicorn with a real client.
     rid = new_id()
     app = RelayMiddleware(make_fastapi(box))
     sent = websocket_session(app, "/ws", {**HEADERS, "x-request-id": rid})
