@@ -365,6 +365,18 @@ def test_tab_is_allowed_in_values() -> None:
     assert Context(note="a\tb")["note"] == "a\tb"
 
 
+@pytest.mark.parametrize("lone", [chr(0xD800), chr(0xDFFF), f"a{chr(0xDC80)}b"])
+def test_a_lone_surrogate_is_not_utf8_so_the_value_is_rejected(
+    lone: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A JSON message header may decode "\ud800" to a lone surrogate: no
+    # UTF-8 encoding exists, so it could not be logged to a file or sent.
+    with pytest.raises(ValueError, match="'note'"):
+        validate_field("note", lone)
+    with caplog.at_level(logging.WARNING, logger="ctxrelay"):
+        assert sanitize([("note", lone), ("user", "ada")], source="a message") == {"user": "ada"}
+
+
 @pytest.mark.parametrize(
     ("char", "width"), [("a", 1), ("é", 2), ("€", 3), ("😀", 4)], ids=["1B", "2B", "3B", "4B"]
 )

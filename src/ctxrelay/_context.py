@@ -50,6 +50,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
 #: tab.  CR, LF and NUL in particular would let a value split a header.
 MAX_VALUE_BYTES = 4096
 _BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# A lone surrogate has no UTF-8 encoding: such a value could not be written
+# to a UTF-8 log file or sent (a JSON message header may decode "\ud800").
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 _T = TypeVar("_T")
 
@@ -81,6 +84,8 @@ def validate_field(name: object, value: object) -> None:
             f"context field {name!r} contains a control character (CR, LF, NUL, ...), "
             "which could split a header"
         )
+    if _SURROGATE.search(value):
+        raise ValueError(f"context field {name!r} is not UTF-8 text: it holds a lone surrogate")
 
 
 # Names already checked against _NAME: binding the same few names on every
