@@ -91,3 +91,20 @@ def test_each_pool_task_sends_its_own_context(session: requests.Session) -> None
         headers = internal.last(f"/task/{i}").headers
         assert headers["x-request-id"] == f"req-{i}"
         assert headers["baggage"] == f"tenant=t{i}"
+
+
+def test_a_prepared_request_sent_again_carries_the_context_of_the_second_send(
+    session: requests.Session,
+) -> None:
+    # One PreparedRequest sent for two users: the second send must not carry
+    # the first user's cookie and request id (headers are computed per send).
+    with two_servers() as (internal, _):
+        prepared = session.prepare_request(requests.Request("GET", internal.url("/again")))
+        with ctxrelay.bind(request_id="req-alice", cookie="session=alice"):
+            session.send(prepared)
+        first = internal.last("/again").headers
+        with ctxrelay.bind(request_id="req-bob", cookie="session=bob"):
+            session.send(prepared)
+        second = internal.last("/again").headers
+    assert (first["x-request-id"], first["cookie"]) == ("req-alice", "session=alice")
+    assert (second["x-request-id"], second["cookie"]) == ("req-bob", "session=bob")

@@ -39,6 +39,11 @@ __all__ = ["Session", "install"]
 # The hop state rides on the PreparedRequest: requests copies a prepared
 # request per redirect (PreparedRequest.copy), and the copy starts without it.
 _SENT = "_ctxrelay_sent"
+# Set by rebuild_auth on a redirect hop it just computed, cleared by the send
+# that follows: any other send of a request that already went out (a
+# PreparedRequest sent again, maybe for another user) computes its headers
+# afresh from the context current then.
+_PENDING = "_ctxrelay_pending"
 
 
 def _sent(request: requests.PreparedRequest) -> Sent | None:
@@ -47,13 +52,18 @@ def _sent(request: requests.PreparedRequest) -> Sent | None:
 
 
 def _first_hop(request: requests.PreparedRequest) -> None:
-    if _sent(request) is None:
-        setattr(request, _SENT, inject_hop(request.headers, request.url or "", None))
+    if getattr(request, _PENDING, False):
+        setattr(request, _PENDING, False)  # rebuild_auth computed this hop
+        return
+    # A request sent before: take back what the last send added, as for a hop.
+    previous = _sent(request)
+    setattr(request, _SENT, inject_hop(request.headers, request.url or "", previous))
 
 
 def _redirect_hop(prepared: requests.PreparedRequest, response: requests.Response) -> None:
     previous = _sent(response.request)
     setattr(prepared, _SENT, inject_hop(prepared.headers, prepared.url or "", previous))
+    setattr(prepared, _PENDING, True)
 
 
 class Session(requests.Session):
