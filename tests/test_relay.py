@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import functools
 import gc
 import inspect
 import logging
@@ -62,6 +63,22 @@ def test_wrap_is_idempotent_and_keeps_metadata() -> None:
     assert once.__doc__ == "Doc."
     assert inspect.signature(once) == inspect.signature(documented)
     assert once(1, b="y") == "1y"
+
+
+def test_wrap_captures_anew_for_a_decorator_around_a_wrapped_callable() -> None:
+    # functools.wraps copies the wrapped function's __dict__ onto the
+    # decorator: the decorator is not relayed itself, so wrap() must capture.
+    with ctxrelay.bind(user="first"):
+        inner = ctxrelay.wrap(user)
+
+    @functools.wraps(inner)
+    def logged() -> tuple[str | None, str | None]:
+        return user(), inner()
+
+    with ctxrelay.bind(user="second"):
+        outer = ctxrelay.wrap(logged)
+    assert outer is not logged
+    assert outer() == ("second", "first")
 
 
 def test_one_wrapper_runs_in_many_threads_at_once_each_in_its_own_copy() -> None:

@@ -243,7 +243,12 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
     when the call ends, however it ends.  Wrapping a wrapped callable returns
     it unchanged: the first capture stands.
     """
-    if getattr(fn, "__ctxrelay_captured__", None) is not None:
+    if (
+        getattr(fn, "__ctxrelay_captured__", None) is not None
+        # functools.wraps copies that attribute onto a decorator around a
+        # wrapped callable too; only wrap()'s own result runs this code.
+        and getattr(fn, "__code__", None) is _RELAYED_CODE
+    ):
         return fn
     captured = _copy_context()
 
@@ -253,6 +258,10 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
 
     relayed.__ctxrelay_captured__ = captured  # type: ignore[attr-defined]
     return relayed
+
+
+#: The code object of every callable ``wrap`` returns.
+_RELAYED_CODE = wrap(lambda: None).__code__
 
 
 # -- executors ----------------------------------------------------------------
