@@ -148,6 +148,33 @@ def test_starting_a_thread_twice_raises_and_leaves_nothing_behind(relay: Relay) 
     assert "run" not in t.__dict__
 
 
+class _HeldStart(threading.Event):
+    """A thread's ``_started`` event that holds the new thread, once it has
+    told start() it is running, until the test lets it go on to run()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+
+    def set(self) -> None:
+        super().set()
+        self.go.wait(10)
+
+
+def test_a_failed_second_start_leaves_the_first_starts_relay_in_place(relay: Relay) -> None:
+    seen: list[str | None] = []
+    t = relay.thread(target=lambda: seen.append(user()))
+    held = _HeldStart()
+    t._started = held  # type: ignore[attr-defined]  # CPython's start() handshake
+    with ctxrelay.bind(user="alice"):
+        t.start()  # returns once the thread runs, before it calls run()
+        with pytest.raises(RuntimeError, match="once"):
+            t.start()
+    held.go.set()
+    t.join()
+    assert seen == ["alice"]
+
+
 def test_timer_runs_in_the_context_of_start(relay: Relay) -> None:
     box: list[str | None] = []
     with ctxrelay.bind(user="alice"):

@@ -49,11 +49,12 @@ def _call(previous: Any, self: object, *args: Any, **kwargs: Any) -> Any:
 
 def _patched_start(previous: Callable[[threading.Thread], None]) -> Callable[..., None]:
     def start(self: threading.Thread) -> None:
-        prepare_start(self)
+        prepared = prepare_start(self)
         try:
             _call(previous, self)
         except BaseException:
-            _unprepare(self)
+            if prepared:
+                _unprepare(self)
             raise
 
     return start

@@ -380,13 +380,17 @@ _POOL_WORKER = getattr(concurrent.futures.thread, "_worker", None)
 THREAD_TAKES_CONTEXT = "context" in inspect.signature(threading.Thread.__init__).parameters
 
 
-def prepare_start(thread: threading.Thread) -> None:
+def prepare_start(thread: threading.Thread) -> bool:
     """Capture for ``thread.start()``: make its ``run`` execute in the capture.
 
     Works for subclasses that override ``run`` (``Timer`` does), because the
     bound ``run`` is taken from the instance.  A ``ThreadPoolExecutor``
     worker gets an empty context instead: it serves many requests, and each
     of its tasks brings its own.
+
+    Returns whether this call prepared anything: only then may a failed
+    ``start()`` undo it (a second ``start()`` of a thread must leave the
+    first start's relay alone).
     """
     if getattr(thread, "_target", None) is _POOL_WORKER:
         context = contextvars.Context()
@@ -398,10 +402,15 @@ def prepare_start(thread: threading.Thread) -> None:
         if getattr(thread, "_context", None) is None:
             thread._context = context  # type: ignore[attr-defined]
             thread.__dict__["_ctxrelay_set_context"] = True
-        return
+            return True
+        return False
     if isinstance(thread.__dict__.get("run"), _RelayedRun):
-        return  # already prepared by an outer layer
+        # Prepared by an outer layer -- or by a first start() whose thread
+        # has not called run() yet: a second start() fails, and must not
+        # take the stand-in away from under it.
+        return False
     thread.__dict__["run"] = _RelayedRun(thread, context, thread.run)
+    return True
 
 
 def _unprepare(thread: threading.Thread) -> None:
@@ -415,11 +424,12 @@ class Thread(threading.Thread):
     """Drop-in ``threading.Thread`` that runs in the context of ``start()``."""
 
     def start(self) -> None:
-        prepare_start(self)
+        prepared = prepare_start(self)
         try:
             super().start()
         except BaseException:
-            _unprepare(self)
+            if prepared:
+                _unprepare(self)
             raise
 
 
@@ -427,11 +437,12 @@ class Timer(threading.Timer):
     """Drop-in ``threading.Timer``: the function runs in the context of ``start()``."""
 
     def start(self) -> None:
-        prepare_start(self)
+        prepared = prepare_start(self)
         try:
             super().start()
         except BaseException:
-            _unprepare(self)
+            if prepared:
+                _unprepare(self)
             raise
 
 
