@@ -168,6 +168,17 @@ def test_prefix_puts_every_field_on_the_record_but_never_over_logrecord_attribut
     assert bare.lines() == ["acme real message real message"]
 
 
+def test_prefix_never_shadows_a_logrecord_method_so_the_line_is_not_lost() -> None:
+    # A field named like a LogRecord method (from trusted baggage, say) must
+    # not become an instance attribute: record.getMessage() would be a str.
+    bare = capture("%(request_id)s %(message)s", ContextFilter(prefix=""))
+    with ctxrelay.bind(request_id="r-1", getMessage="boom", getMessageX="kept"):
+        bare.logger.info("real message")
+    assert bare.lines() == ["r-1 real message"]
+    with pytest.raises(ValueError, match="'getMessage'"):
+        ContextFilter(fields=["getMessage"])
+
+
 def test_an_explicit_extra_value_wins_over_the_context() -> None:
     out = capture("%(request_id)s %(tenant)s", ContextFilter(fields=["tenant"]))
     with ctxrelay.bind(request_id="r-4", tenant="acme"):

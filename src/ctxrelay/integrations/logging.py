@@ -62,8 +62,13 @@ DEFAULT_FORMAT: Final = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(
 #: purpose: they carry tokens and cookies, and logs are widely readable.
 REQUEST_ATTRIBUTES: Final = ("method", "scheme", "host", "path", "client")
 
-#: Names a ``LogRecord`` already uses: a field must never overwrite ``msg``.
-_RESERVED: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+#: Names a ``LogRecord`` already uses: a field must never overwrite ``msg``,
+#: nor shadow a method (a field ``getMessage`` would make the record unformattable).
+_RESERVED: Final = (
+    frozenset(logging.makeLogRecord({}).__dict__)
+    | frozenset(dir(logging.LogRecord))
+    | {"message", "asctime"}
+)
 #: The attributes every ContextFilter sets.
 _OURS: Final = frozenset({"request_id", "ctxrelay"})
 
