@@ -56,8 +56,14 @@ _MAX_ENTRIES = 64
 Secret = str | bytes
 
 
-def _key(secret: Secret) -> bytes:
-    key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+def _key(secret: object) -> bytes:
+    if isinstance(secret, str):
+        key = secret.encode("utf-8")
+    elif isinstance(secret, (bytes, bytearray, memoryview)):
+        key = bytes(secret)
+    else:
+        # bytes(48) is 48 zero bytes: an int must never become a key.
+        raise TypeError(f"a ctxrelay signing secret is str or bytes, not {type(secret).__name__}")
     if len(key) < 16:
         raise ValueError("a ctxrelay signing secret must be at least 16 bytes long")
     return key
@@ -74,7 +80,11 @@ class Signer:
     __slots__ = ("_keys",)
 
     def __init__(self, secret: Secret | Sequence[Secret]) -> None:
-        secrets = [secret] if isinstance(secret, (str, bytes)) else list(secret)
+        # A bytearray is one secret, not a sequence of ints (each would be
+        # turned into that many zero bytes: a key anyone knows).
+        secrets: list[object] = (
+            [secret] if isinstance(secret, (str, bytes, bytearray, memoryview)) else list(secret)
+        )
         if not secrets:
             raise ValueError("Signer needs at least one secret")
         self._keys = tuple(_key(s) for s in secrets)
@@ -96,7 +106,9 @@ class Signer:
     def verify(self, carrier: Mapping[str, str], binding: str) -> bool:
         """True when ``carrier`` holds a valid signature for ``binding``."""
         signature = carrier.get(SIGNATURE)
-        if not isinstance(signature, str) or not signature.startswith(_SCHEME):
+        if not isinstance(signature, str) or not signature.isascii():
+            return False  # compare_digest raises TypeError on non-ASCII str
+        if not signature.startswith(_SCHEME):
             return False
         message = self._message(carrier, binding)
         return any(
@@ -150,13 +162,25 @@ def _shape(carrier: object, policy: Policy) -> str | None:
 
 
 def _unread(carrier: Mapping[str, str], ctx: Context, policy: Policy) -> str | None:
-    """The first carrier entry ``extract`` dropped, or ``None``: all or nothing."""
-    if policy.request_id_header in carrier and REQUEST_ID not in ctx:
-        return policy.request_id_header
-    if TRACEPARENT in carrier and TRACEPARENT not in ctx:
-        return TRACEPARENT
-    if BAGGAGE in carrier and policy.trust_in_house:
-        members = [m for m in carrier[BAGGAGE].split(",") if m.strip(" \t")]
+    """The first carrier entry ``extract`` dropped, or ``None``: all or nothing.
+
+    Names are compared as ``extract`` reads them (stripped, lowercased), so an
+    entry spelt ``X-Request-ID`` or a captured header is checked too.
+    """
+    lowered: dict[str, list[str]] = {}
+    for name, value in carrier.items():
+        lowered.setdefault(name.strip().lower(), []).append(value)
+    for name in lowered:
+        if name == policy.request_id_header:
+            field = REQUEST_ID
+        elif name in (TRACEPARENT, TRACESTATE) or name in policy.capture:
+            field = name
+        else:
+            continue
+        if field not in ctx:
+            return name
+    if BAGGAGE in lowered and policy.trust_in_house:
+        members = [m for m in ",".join(lowered[BAGGAGE]).split(",") if m.strip(" \t")]
         own = {REQUEST_ID, TRACEPARENT, TRACESTATE} | policy.capture
         if len(members) != sum(1 for name in ctx if name not in own):
             return BAGGAGE

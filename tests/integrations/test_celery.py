@@ -10,6 +10,7 @@ another task.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from celery import Celery, chain, chord, group, signals  # type: ignore[import-u
 from celery.result import AsyncResult, ResultSet  # type: ignore[import-untyped]
 
 import ctxrelay
-from ctxrelay._signing import KEY, SIGNATURE, WORKER_FIELDS, Signer, capture
+from ctxrelay._signing import KEY, SIGNATURE, WORKER_FIELDS, Signer, capture, restore
 from ctxrelay.integrations.celery import install, uninstall
 from tests.brokers import WorkerProcess, flush_redis, need_rabbitmq, need_redis, wait_until
 from tests.integrations.celery_app import SECRET, make_app
@@ -489,3 +490,75 @@ def test_signer_rotation_signs_with_the_first_secret_and_accepts_any() -> None:
 def test_signer_refuses_a_short_secret() -> None:
     with pytest.raises(ValueError, match="16 bytes"):
         Signer("short")
+
+
+def test_signer_takes_a_bytearray_as_one_secret_never_as_zero_byte_keys() -> None:
+    # list(bytearray) is a list of ints, and bytes(48) is 48 zero bytes: a
+    # key anyone could sign with.  (Untyped callers pass bytearrays.)
+    secret = bytearray(b"a-bytearray-secret-0123")
+    forged = {"baggage": "user=mallory"}
+    forged[SIGNATURE] = Signer(bytes(48)).sign(forged, "task-1")
+    assert not Signer(secret).verify(forged, "task-1")  # type: ignore[arg-type]
+    with ctxrelay.bind(request_id="r-bytes"):
+        signed = capture("task-1", Signer(secret))  # type: ignore[arg-type]
+    assert Signer(bytes(secret)).verify(signed, "task-1")
+    with pytest.raises(TypeError, match="str or bytes"):
+        Signer([48])  # type: ignore[list-item]
+
+
+def test_a_non_ascii_signature_is_refused_as_not_matching_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    carrier = _signed("task-1", request_id="r-sig")
+    carrier[SIGNATURE] = "v1=" + "é" * 64
+    with caplog.at_level(logging.ERROR, logger="ctxrelay"):
+        ctx = restore(carrier, "task-1", Signer(SECRET), source="task 'x'")
+    assert ctx == ctxrelay.Context()
+    assert [r.getMessage() for r in caplog.records] == [
+        "ctxrelay: task 'x' carries a context with a signature that does not match;"
+        " it runs with an empty context"
+    ]
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "carrier",
+    [
+        {"x-gray": "bad\nvalue", "x-request-id": "r-1"},  # a captured header
+        {"X-Request-ID": "bad\x00", "baggage": "user=ada"},  # another spelling
+        {"x-request-id": "r-1", "x-request-id ": "r-2", "baggage": "user=ada"},  # twice
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "bad\x01",
+            "baggage": "user=ada",
+        },
+        {"Baggage": "user=ada,%zz;=", "x-request-id": "r-1"},
+    ],
+    ids=["captured-header", "request-id-spelling", "request-id-twice", "tracestate", "Baggage"],
+)
+def test_an_unreadable_entry_in_any_spelling_empties_the_whole_context(
+    carrier: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # All or nothing: never a partial context (docs/queues.md).
+    previous = ctxrelay.configure(ctxrelay.Policy(capture={"x-gray"}))
+    try:
+        with caplog.at_level(logging.WARNING, logger="ctxrelay"):
+            ctx = restore(carrier, "task-1", None, source="task 'x'")
+    finally:
+        ctxrelay.configure(previous)
+    assert ctx == ctxrelay.Context()
+    assert any("malformed context" in r.getMessage() for r in caplog.records)
+
+
+def test_a_well_formed_carrier_with_captured_and_trace_entries_is_read_whole() -> None:
+    previous = ctxrelay.configure(ctxrelay.Policy(capture={"x-gray"}))
+    try:
+        parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        with ctxrelay.bind(
+            {"request_id": "r-1", "x-gray": "canary", "user": "ada", "traceparent": parent}
+        ):
+            sent = ctxrelay.current()
+            carrier = capture("task-1", None)
+        assert dict(restore(carrier, "task-1", None, source="t")) == dict(sent)
+    finally:
+        ctxrelay.configure(previous)
