@@ -239,6 +239,22 @@ def test_headers_the_caller_set_win_whatever_their_case() -> None:
     assert headers == {"X-Request-Id": "mine", "BAGGAGE": "mine=1"}
 
 
+def test_a_header_value_that_is_not_ascii_is_left_out_of_http_headers_only() -> None:
+    # requests raises on it at send time, httpx refuses it, aiohttp re-encodes
+    # it as UTF-8: an HTTP header carries it only as ASCII.  Baggage is
+    # percent-encoded, and a queue message (destination=None) takes any text.
+    route = Policy.Route(hosts=("in.example",))
+    ctxrelay.configure(Policy(capture={"x-gray"}, routes=(route,)))
+    fields = {"request_id": "req-€", "x-gray": "café", "tenant": "Jörg"}
+    assert sent(fields, "http://in.example/") == {"baggage": "tenant=J%C3%B6rg"}
+    assert sent(fields, "http://elsewhere.example/") == {}
+    assert sent(fields) == {
+        "x-request-id": "req-€",
+        "x-gray": "café",
+        "baggage": "tenant=J%C3%B6rg",
+    }
+
+
 def test_inject_outside_any_context_adds_nothing() -> None:
     headers: dict[str, str] = {}
     ctxrelay.inject(headers, destination="http://x.example/")

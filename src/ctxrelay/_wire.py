@@ -257,6 +257,22 @@ def _set_missing(headers: MutableMapping[str, Any], new: Mapping[str, str]) -> t
     return tuple(added)
 
 
+def _http_safe(out: dict[str, str]) -> dict[str, str]:
+    """``out`` without the header values an HTTP client cannot send as they are.
+
+    requests (http.client) raises on a value that is not latin-1 when it
+    sends, httpx refuses any non-ASCII value, aiohttp re-encodes it as UTF-8:
+    only ASCII crosses all three unaltered.  Baggage is ASCII already
+    (percent-encoded); a queue message (``destination=None``) takes any text.
+    """
+    unsafe = [name for name, value in out.items() if not value.isascii()]
+    if unsafe:
+        _log.warning("ctxrelay: headers not sent (value not ASCII): %s", unsafe)
+        for name in unsafe:
+            del out[name]
+    return out
+
+
 def inject(headers: MutableMapping[str, str], *, destination: str | None = None) -> None:
     """Add the current context's headers for ``destination`` to ``headers``.
 
@@ -271,7 +287,8 @@ def inject(headers: MutableMapping[str, str], *, destination: str | None = None)
     try:
         policy = active()
         route, _ = policy.route(destination)
-        _set_missing(headers, outgoing(current(), policy, route))
+        out = outgoing(current(), policy, route)
+        _set_missing(headers, out if destination is None else _http_safe(out))
     except Exception:
         _log.exception("ctxrelay: inject() failed; the request goes without context headers")
 
@@ -297,7 +314,8 @@ def inject_hop(headers: MutableMapping[str, Any], url: str, previous: Sent | Non
                 for name in [n for n in headers if policy.is_sensitive(n)]:
                     _discard(headers, name)
             origin = previous.origin
-        added = _set_missing(headers, outgoing(current(), policy, route, credentials=credentials))
+        out = outgoing(current(), policy, route, credentials=credentials)
+        added = _set_missing(headers, _http_safe(out))
         return Sent(origin, added)
     except Exception:
         _log.exception("ctxrelay: could not set context headers on an outgoing request")

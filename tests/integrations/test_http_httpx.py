@@ -129,3 +129,16 @@ def test_each_async_task_sends_its_own_context() -> None:
         for i in range(40):
             headers = internal.last(f"/task/{i}").headers
             assert (headers["x-request-id"], headers["baggage"]) == (f"req-{i}", f"tenant=t{i}")
+
+
+@flavours
+def test_a_header_value_that_is_not_ascii_costs_only_itself(flavour: str) -> None:
+    # httpx refuses a non-ASCII header value: it used to abort the whole
+    # injection (an error log, and no cookie, baggage or id sent at all).
+    fields = {**context(), "x-gray": "café"}
+    with two_servers() as (internal, _), ctxrelay.use(ctxrelay.Context(fields)):
+        assert get(flavour, internal.url("/a")).status_code == 200
+    received = internal.last("/a").headers
+    assert "x-gray" not in received
+    assert (received["x-request-id"], received["cookie"]) == ("req-1", "session=abc123")
+    assert "tenant=acme" in received["baggage"]

@@ -108,3 +108,15 @@ def test_a_prepared_request_sent_again_carries_the_context_of_the_second_send(
         second = internal.last("/again").headers
     assert (first["x-request-id"], first["cookie"]) == ("req-alice", "session=alice")
     assert (second["x-request-id"], second["cookie"]) == ("req-bob", "session=bob")
+
+
+def test_a_request_id_http_cannot_carry_does_not_fail_the_request(
+    session: requests.Session,
+) -> None:
+    # A non-latin-1 id (set by the app, or read from a queue message) made
+    # http.client raise UnicodeEncodeError into the caller at send time.
+    with two_servers() as (internal, _), ctxrelay.bind(request_id="req-€", tenant="acme"):
+        assert session.get(internal.url("/euro")).status_code == 200
+    received = internal.last("/euro").headers
+    assert "x-request-id" not in received
+    assert received["baggage"] == "tenant=acme"
