@@ -144,6 +144,19 @@ def test_an_id_the_app_set_in_any_case_is_not_echoed_twice() -> None:
     assert (b"X-Request-ID", b"from-app") in sent[0]["headers"]
 
 
+def test_headers_an_app_sends_as_an_iterator_all_reach_the_server() -> None:
+    # ASGI headers are any iterable: the echo reads a one-shot iterator once,
+    # and must hand the server what it read, the app's own id included.
+    lines = [(b"content-type", b"text/plain"), (b"x-request-id", b"from-app")]
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": iter(lines)})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent = call(RelayMiddleware(app), http_scope((b"x-request-id", b"inbound")))
+    assert list(sent[0]["headers"]) == lines
+
+
 def test_the_echo_leaves_the_apps_message_and_header_list_unchanged() -> None:
     headers = [(b"content-type", b"text/plain")]
     probe = Probe(headers=headers)

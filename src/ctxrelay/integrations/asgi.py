@@ -129,6 +129,8 @@ def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
     try:
         if type(headers) is not list:
             headers = list(headers)  # a tuple, or an iterator to read once
+            # What the server gets from here on: an iterator is spent now.
+            message = {**message, "headers": headers}
         for key, _ in headers:
             if len(key) == size:  # the length first: most names differ in it
                 if type(key) is not bytes:
