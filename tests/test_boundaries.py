@@ -14,7 +14,8 @@ import contextvars
 import multiprocessing
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -228,3 +229,68 @@ def test_run_in_executor_with_a_process_pool_relays_fields_under_instrument() ->
 
 def report_n(_: int) -> tuple[str | None, str | None, str | None]:
     return report()
+
+
+PROCESS_POOLS: dict[str, Callable[[], concurrent.futures.Executor]] = {
+    "plain": lambda: concurrent.futures.ProcessPoolExecutor(1),
+    "context-executor": lambda: ctxrelay.ContextExecutor(concurrent.futures.ProcessPoolExecutor(1)),
+    "ctxrelay": lambda: ctxrelay.ProcessPoolExecutor(1),
+}
+
+
+@pytest.mark.parametrize("kind", PROCESS_POOLS)
+def test_run_async_on_a_process_pool_relays_fields_and_forks_workers_clean(kind: str) -> None:
+    with PROCESS_POOLS[kind]() as pool:
+        do_report = ctxrelay.run_async(executor=pool)(report)
+        read_other = ctxrelay.run_async(executor=pool)(other_value)
+        with in_request(), ctxrelay.bind(request_id="r-1"):
+            assert do_report().result(60) == ("alice", "r-1", None)
+            assert read_other().result(60) == "-"  # no worker forked inside the request
+        assert do_report().result(60) == (None, None, None)
+
+
+def test_run_in_executor_with_a_context_executor_over_a_process_pool_under_instrument() -> None:
+    async def main() -> tuple[str | None, str | None, str | None]:
+        with ctxrelay.ContextExecutor(concurrent.futures.ProcessPoolExecutor(1)) as pool:
+            with in_request(), ctxrelay.bind(request_id="r-4"):
+                return await asyncio.get_running_loop().run_in_executor(pool, report)
+
+    ctxrelay.instrument()
+    assert asyncio.run(main()) == ("alice", "r-4", None)
+
+
+_gate: Any = None
+
+
+def _keep_gate(gate: Any) -> None:
+    global _gate
+    _gate = gate
+
+
+def wait_for_gate() -> bool:
+    return bool(_gate.wait(60))
+
+
+def test_process_pool_done_callbacks_never_see_the_request_that_started_the_pool() -> None:
+    # Under instrument(), the pool's manager thread -- which runs the done-
+    # callbacks -- is started inside the first request: it must not keep it.
+    ctxrelay.instrument()
+    gate = multiprocessing.get_context().Event()
+    seen_by_callback: list[tuple[str | None, str]] = []
+    called = threading.Event()
+
+    def callback(_: concurrent.futures.Future[bool]) -> None:
+        seen_by_callback.append(seen())
+        called.set()
+
+    with concurrent.futures.ProcessPoolExecutor(
+        1, initializer=_keep_gate, initargs=(gate,)
+    ) as pool:
+        with in_request():
+            assert pool.submit(other_value).result(60) is not None  # starts the manager
+        held = pool.submit(wait_for_gate)
+        held.add_done_callback(callback)  # pending: runs on the manager thread
+        gate.set()
+        assert called.wait(60)
+        assert held.result(60) is True
+    assert seen_by_callback == [(None, "-")]

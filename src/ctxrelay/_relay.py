@@ -23,6 +23,8 @@ and request snapshot), validated again on arrival.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
+import concurrent.futures.thread
 import contextlib
 import contextvars
 import functools
@@ -117,11 +119,22 @@ def relayed_task(executor: Executor, fn: Callable[..., Any]) -> Callable[..., An
     Process pools get the ctxrelay ``Context`` (picklable); everything else
     gets a copy of all context variables.
     """
-    if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+    if ships_to_processes(executor):
         if isinstance(fn, _ProcessTask):
             return fn
         return _ProcessTask(_CURRENT.get(), fn)
     return _task(fn)
+
+
+def ships_to_processes(executor: Executor) -> bool:
+    """True when ``executor`` pickles its tasks to other processes.
+
+    A ``ContextExecutor`` over a process pool does too: a ``contextvars``
+    capture handed to it could not be pickled on the way.
+    """
+    return isinstance(executor, concurrent.futures.ProcessPoolExecutor) or (
+        isinstance(executor, ContextExecutor) and executor._process
+    )
 
 
 def fork_clean(submit: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -374,6 +387,9 @@ class _RelayedRun:
 
 
 _POOL_WORKER = getattr(concurrent.futures.thread, "_worker", None)
+# A process pool's manager thread serves all its tasks and runs their
+# done-callbacks: it must not keep the request that happened to start it.
+_PROCESS_MANAGER = getattr(concurrent.futures.process, "_ExecutorManagerThread", None)
 
 
 # Python 3.14 added Thread(context=...): the thread runs in that context.
@@ -385,14 +401,16 @@ def prepare_start(thread: threading.Thread) -> bool:
 
     Works for subclasses that override ``run`` (``Timer`` does), because the
     bound ``run`` is taken from the instance.  A ``ThreadPoolExecutor``
-    worker gets an empty context instead: it serves many requests, and each
-    of its tasks brings its own.
+    worker, or a process pool's manager thread, gets an empty context
+    instead: it serves many requests, and each of its tasks brings its own.
 
     Returns whether this call prepared anything: only then may a failed
     ``start()`` undo it (a second ``start()`` of a thread must leave the
     first start's relay alone).
     """
-    if getattr(thread, "_target", None) is _POOL_WORKER:
+    if getattr(thread, "_target", None) is _POOL_WORKER or (
+        _PROCESS_MANAGER is not None and isinstance(thread, _PROCESS_MANAGER)
+    ):
         context = contextvars.Context()
     else:
         context = _copy_context()
@@ -536,11 +554,13 @@ class _AsyncCall(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         executor = self._executor or default_executor()
         captured = _copy_context()
-        if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
-            task: Callable[..., Any] = _ProcessTask(_CURRENT.get(), self.__wrapped__)
+        if ships_to_processes(executor):
+            task = _ProcessTask(_CURRENT.get(), self.__wrapped__)
+            # Its submit may fork the workers: from an empty context.
+            inner = fork_clean(executor.submit, task, *args, **kwargs)
         else:
-            task = _Task(captured.run, self.__wrapped__)
-        return _watch(executor.submit(task, *args, **kwargs), captured, self._name)
+            inner = executor.submit(_Task(captured.run, self.__wrapped__), *args, **kwargs)
+        return _watch(inner, captured, self._name)
 
     def __get__(self, obj: object, objtype: type | None = None) -> Any:
         # Decorating a method: bind like a function would.
