@@ -85,3 +85,12 @@ def test_each_task_sends_its_own_context() -> None:
         for i in range(40):
             headers = internal.last(f"/task/{i}").headers
             assert (headers["x-request-id"], headers["baggage"]) == (f"req-{i}", f"tenant=t{i}")
+
+
+@pytest.mark.parametrize("location", ["http://[orders.internal]:8000/", "http://[::1/"])
+def test_a_malformed_redirect_fails_as_aiohttp_fails_it(location: str) -> None:
+    # The hook resolved the Location itself and raised ValueError into the
+    # caller, where aiohttp raises its own InvalidUrlRedirectClientError.
+    with two_servers() as (internal, _), ctxrelay.use(context()):
+        with pytest.raises(aiohttp.InvalidUrlRedirectClientError):
+            get(internal.redirect_url(location))

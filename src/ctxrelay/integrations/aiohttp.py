@@ -54,7 +54,10 @@ async def _on_request_redirect(
         return
     previous = getattr(trace, "ctxrelay_sent", None)
     previous = previous if isinstance(previous, Sent) else None
-    target = urljoin(str(params.url), location)
+    try:
+        target = urljoin(str(params.url), location)
+    except ValueError:  # aiohttp refuses it too, with its own error: not ours to raise
+        target = ""  # no origin: strip as for a foreign host
     trace.ctxrelay_sent = inject_hop(params.headers, target, previous)
 
 
