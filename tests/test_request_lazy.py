@@ -13,6 +13,7 @@ import pickle
 import threading
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -136,6 +137,21 @@ def test_odd_client_and_server_values_never_make_an_attribute_raise() -> None:
     unix = RequestSnapshot.from_asgi(http_scope(server=("/tmp/app.sock", None)))
     assert unix.host == ""
     assert RequestSnapshot.from_asgi(http_scope(client=())).client is None
+
+
+@pytest.mark.parametrize(
+    ("client", "server"),
+    [(["h"], None), (5, None), (None, 5), (None, ["h"]), (None, ("h",)), (object(), object())],
+)
+def test_a_broken_servers_client_and_server_values_never_make_the_snapshot_raise(
+    client: object, server: object
+) -> None:
+    # The careful path promises to normalize whatever a broken server sent.
+    snap = RequestSnapshot.from_asgi(http_scope(client=client, server=server))
+    assert isinstance(snap.client, (str, type(None)))
+    assert isinstance(snap.host, str)
+    assert snap == pickle.loads(pickle.dumps(snap))
+    repr(snap)
 
 
 def test_a_scope_without_optional_keys_still_snapshots() -> None:

@@ -247,6 +247,15 @@ def _address(pair: tuple[Any, ...]) -> str:
         return ""
 
 
+def _port(pair: Any) -> object:
+    # The port of an ASGI (host, port) pair; None for a unix socket -- or
+    # for whatever a broken server sent that is no pair at all.
+    try:
+        return pair[1]
+    except Exception:
+        return None
+
+
 def _text_lines(raw: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
     return raw
 
@@ -445,12 +454,12 @@ class RequestSnapshot:
         if not client:
             client = None
         elif type(client) is not tuple:  # a list could change later: format it now
-            client = f"{client[0]}:{client[1]}"
+            client = _address(client) or None
         server = scope.get("server")
         if not server:
             server = ""
-        elif type(server) is not tuple or server[1] is None:
-            server = f"{server[0]}:{server[1]}" if server[1] is not None else ""
+        elif type(server) is not tuple:  # a list could change later: format it now
+            server = _address(server) if _port(server) is not None else ""
         snap = _new(cls)
         _set(snap, "_raw", (method, _str(scheme, ""), path, query, client, server, decode, raw))
         return snap, raw if frozen else None
