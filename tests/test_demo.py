@@ -230,6 +230,18 @@ def test_unreachable_broker_exits_2_with_one_clear_line() -> None:
     assert finished.stderr.startswith(f"ctxrelay demo: cannot reach the broker {url}: ")
 
 
+def test_a_broker_password_is_never_printed() -> None:
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        finished = _demo("--json", "--broker", f"redis://:hunter2-pass@127.0.0.1:{port}/9")
+    assert finished.returncode == 2
+    assert "hunter2" not in finished.stdout + finished.stderr
+    assert finished.stderr.startswith(
+        f"ctxrelay demo: cannot reach the broker redis://:**@127.0.0.1:{port}/9: "
+    )
+
+
 # -- the report and its verdict --------------------------------------------------
 
 

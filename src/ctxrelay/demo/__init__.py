@@ -30,7 +30,15 @@ from .hops import Hop, logging_to_recorder
 from .report import INTRO, Result, Walk, as_json, as_text, problems
 from .services import WAIT, OrderService, browse, cart_app, member_app, serve
 from .shop import new_request_id, policy
-from .tasks import TASK, BrokerUnreachable, Worker, embedded_worker, make_app, worker_process
+from .tasks import (
+    TASK,
+    BrokerUnreachable,
+    Worker,
+    embedded_worker,
+    make_app,
+    shown,
+    worker_process,
+)
 
 __all__ = ["main", "run", "running"]
 
@@ -89,7 +97,7 @@ def running(broker: str | None = None) -> Iterator[Result]:
             serve(cart_app(), "cart") as cart,
         ):
             walks = tuple(_walk(relay, member, cart, app, worker) for relay in (False, True))
-            yield Result(os.getpid(), str(app.conf.broker_url), worker.description, walks)
+            yield Result(os.getpid(), shown(app), worker.description, walks)
     finally:
         ctxrelay.configure(previous)
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from celery import Celery  # type: ignore[import-untyped]
 from celery.contrib.testing.worker import start_worker  # type: ignore[import-untyped]
+from kombu.utils.url import maybe_sanitize_url
 
 import ctxrelay
 
@@ -45,6 +46,7 @@ __all__ = [
     "embedded_worker",
     "make_app",
     "send_confirmation",
+    "shown",
     "worker_process",
 ]
 
@@ -101,6 +103,11 @@ def make_app(broker: str | None, queue: str) -> Celery:
     return app
 
 
+def shown(app: Celery) -> str:
+    """``app``'s broker URL as the demo prints it: the password masked, as Celery does."""
+    return str(maybe_sanitize_url(str(app.conf.broker_url)))
+
+
 @dataclass(frozen=True)
 class Worker:
     """A running worker: what to call it in the report, and where its output goes."""
@@ -130,7 +137,7 @@ class BrokerUnreachable(Exception):
 
 
 def _reach(app: Celery) -> None:
-    broker = str(app.conf.broker_url)
+    broker = shown(app)
     try:
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1)
@@ -144,7 +151,7 @@ def worker_process(app: Celery, queue: str) -> Iterator[Worker]:
     on exit it is stopped (SIGTERM, then SIGKILL) and the queue deleted.
     Raises :class:`BrokerUnreachable` first if the broker does not answer."""
     _reach(app)
-    broker = str(app.conf.broker_url)
+    broker = str(app.conf.broker_url)  # the worker needs the password; output never shows it
     handle, name = tempfile.mkstemp(prefix="ctxrelay-demo-worker-", suffix=".log")
     log = Path(name)
     command = [sys.executable, "-m", "ctxrelay.demo.worker", "--broker", broker, "--queue", queue]
@@ -159,7 +166,7 @@ def worker_process(app: Celery, queue: str) -> Iterator[Worker]:
     try:
         yield Worker(
             f"worker process pid {process.pid} (python -m ctxrelay.demo.worker, solo pool),"
-            f" broker {broker}, queue {queue}",
+            f" broker {shown(app)}, queue {queue}",
             log,
         )
     finally:
