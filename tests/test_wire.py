@@ -138,6 +138,16 @@ def test_extract_never_returns_a_request_id_that_could_split_a_header() -> None:
     assert ctxrelay.extract([("x-request-id", "a"), ("x-request-id", "b")]) == {}
 
 
+@pytest.mark.parametrize("tail", ["\r\x00evil", "\x1b[31m", "x" * 5000])
+def test_extract_never_returns_a_traceparent_that_is_not_a_valid_field(tail: str) -> None:
+    # A future version may carry more after the flags; it must still be a
+    # valid field (no control character, at most 4096 bytes), as a str line
+    # (a queue message) or as raw bytes.
+    traceparent = "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-" + tail
+    assert ctxrelay.extract({"traceparent": traceparent}) == {}
+    assert ctxrelay.extract([(b"traceparent", traceparent.encode())]) == {}
+
+
 @given(header_lines)
 def test_extract_over_arbitrary_header_lines_never_raises_and_returns_valid_fields(
     lines: list[tuple[str | bytes, str | bytes]],

@@ -444,7 +444,8 @@ def fields_from(found: Mapping[str, list[str]], policy: Policy) -> dict[str, str
             if _valid(name, value):
                 fields[name] = value
     parents = found.get(TRACEPARENT, [])
-    if len(parents) == 1 and _valid_traceparent(parents[0]):
+    # A later version may carry more after the flags: still a field, so valid.
+    if len(parents) == 1 and _valid_traceparent(parents[0]) and _valid(TRACEPARENT, parents[0]):
         fields[TRACEPARENT] = parents[0]
         state = ",".join(found.get(TRACESTATE, []))
         if state and _valid(TRACESTATE, state):

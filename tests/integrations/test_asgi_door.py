@@ -144,6 +144,14 @@ def test_an_id_the_app_set_in_any_case_is_not_echoed_twice() -> None:
     assert (b"X-Request-ID", b"from-app") in sent[0]["headers"]
 
 
+def test_an_oversized_traceparent_is_not_bound_on_the_fast_path() -> None:
+    # Under the snapshot's 8192-byte line cap but over the 4096-byte field limit.
+    probe = Probe()
+    future = b"01" + TRACEPARENT[2:] + b"-" + b"x" * 5000  # a later version may add more
+    call(RelayMiddleware(probe), http_scope((b"traceparent", future)))
+    assert "traceparent" not in probe.contexts[0]
+
+
 def test_headers_an_app_sends_as_an_iterator_all_reach_the_server() -> None:
     # ASGI headers are any iterable: the echo reads a one-shot iterator once,
     # and must hand the server what it read, the app's own id included.
