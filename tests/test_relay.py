@@ -10,12 +10,15 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import ctxrelay
 from tests.conftest import Relay
+
+if TYPE_CHECKING:
+    from typing import assert_type
 
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("test_relay_var", default="unset")
 
@@ -371,6 +374,22 @@ def test_run_async_rejects_a_non_executor() -> None:
 def test_context_executor_rejects_a_non_executor() -> None:
     with pytest.raises(TypeError, match="Executor"):
         ctxrelay.ContextExecutor(object())  # type: ignore[arg-type]
+
+
+# -- typing: the drop-ins keep the standard signatures ------------------------------
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def test_drop_in_pool_submit_keeps_the_standard_typing() -> None:
+    # Checked by mypy --strict on this file: submit() is typed like the
+    # standard one (Future[T], arguments checked against fn), not Future[Any].
+    with ctxrelay.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(add, 1, 2)
+        if TYPE_CHECKING:
+            assert_type(future, concurrent.futures.Future[int])
+            pool.submit(add, 1, "2")  # type: ignore[arg-type]
+        assert future.result(10) == 3
 
 
 # -- the relaying submit behaves like the standard one ----------------------------------

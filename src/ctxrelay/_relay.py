@@ -34,7 +34,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from ._context import _CURRENT, Context
 
@@ -335,7 +335,13 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
     context; worker threads themselves never hold a request's context.
     """
 
-    if relaying_submit is not None:
+    if TYPE_CHECKING:
+        # Typed as the standard submit: relaying_submit's own type is loose
+        # (Future[Any], any arguments).
+        def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+            """Submit ``fn`` to run in the context of this call."""
+
+    elif relaying_submit is not None:
         # The standard body with the relay folded in (see _make_stdlib_submit).
         submit = relaying_submit
     else:  # pragma: no cover - Pythons whose executor changed shape
