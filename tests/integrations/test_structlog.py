@@ -63,6 +63,23 @@ def test_key_nests_the_fields_and_request_adds_snapshot_attributes() -> None:
     assert json.loads(log.info("outside")) == {"event": "outside"}
 
 
+def test_a_processor_changing_the_nested_fields_affects_only_its_own_event() -> None:
+    # The prepared fields are shared by every event of the context: a later
+    # processor that edits the nested dict in place must get its own copy.
+    def move_order_into_ctx(_: Any, __: str, event_dict: Any) -> Any:
+        event_dict["ctx"]["order"] = event_dict.pop("order")
+        event_dict["ctx"].pop("user")
+        return event_dict
+
+    merge = MergeContext(key="ctx")
+    editing, plain = render(merge, move_order_into_ctx), render(merge)
+    with ctxrelay.bind(request_id="r-4", user="ada"):
+        first = json.loads(editing.info("paid", order="o-1"))
+        after = json.loads(plain.info("shipped"))
+    assert first["ctx"] == {"request_id": "r-4", "order": "o-1"}
+    assert after == {"event": "shipped", "ctx": {"request_id": "r-4", "user": "ada"}}
+
+
 def test_unknown_request_attributes_are_refused() -> None:
     with pytest.raises(ValueError, match="cookies"):
         MergeContext(request=["cookies"])

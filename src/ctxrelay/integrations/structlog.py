@@ -73,6 +73,9 @@ class MergeContext:
         # this context, and later processors change the event dict.  copy()
         # clones the prepared dict's table whole, faster than {**a, **b}.
         merged = self._cache.current().copy()
+        if self.key is not None and self.key in merged:
+            # The nested dict is shared too: a processor may edit it in place.
+            merged[self.key] = merged[self.key].copy()
         merged.update(event_dict)
         return merged
 
