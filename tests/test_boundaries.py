@@ -259,6 +259,31 @@ def test_run_in_executor_with_a_context_executor_over_a_process_pool_under_instr
     assert asyncio.run(main()) == ("alice", "r-4", None)
 
 
+# Not started until the test below submits to it; it shuts it down.
+_DECORATED_POOL = ctxrelay.ProcessPoolExecutor(1)
+
+
+@ctxrelay.run_async(executor=_DECORATED_POOL)
+def report_in_a_worker() -> tuple[str | None, str | None, str | None]:
+    return report()
+
+
+class Reports:
+    @ctxrelay.run_async(executor=_DECORATED_POOL)
+    def report(self) -> tuple[str | None, str | None, str | None]:
+        return report()
+
+
+def test_run_async_decorating_functions_and_methods_runs_them_in_a_process_pool() -> None:
+    # The decorator rebinds the name: the worker must still find the function.
+    try:
+        with ctxrelay.bind(user="dave", request_id="r-5"):
+            assert report_in_a_worker().result(60) == ("dave", "r-5", None)
+            assert Reports().report().result(60) == ("dave", "r-5", None)
+    finally:
+        _DECORATED_POOL.shutdown()
+
+
 _gate: Any = None
 
 

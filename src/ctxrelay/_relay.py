@@ -28,6 +28,7 @@ import concurrent.futures.thread
 import contextlib
 import contextvars
 import functools
+import importlib
 import inspect
 import logging
 import sys
@@ -561,7 +562,7 @@ class _AsyncCall(Generic[P, R]):
         executor = self._executor or default_executor()
         captured = _copy_context()
         if ships_to_processes(executor):
-            task = _ProcessTask(_CURRENT.get(), self.__wrapped__)
+            task = _ProcessTask(_CURRENT.get(), self._picklable())
             # Its submit may fork the workers: from an empty context.
             inner = fork_clean(executor.submit, task, *args, **kwargs)
         else:
@@ -571,6 +572,32 @@ class _AsyncCall(Generic[P, R]):
     def __get__(self, obj: object, objtype: type | None = None) -> Any:
         # Decorating a method: bind like a function would.
         return self if obj is None else functools.partial(self, obj)  # type: ignore[arg-type]
+
+    def _picklable(self) -> Callable[..., R]:
+        # Decorating took the function's name, so pickle would not find the
+        # function by it: send ``self`` instead (found by that name, see
+        # __reduce__) and call what it wraps over there.
+        if _find(self.__wrapped__.__module__, self._name) is self:
+            return functools.partial(_call_wrapped, self)
+        return self.__wrapped__  # run_async(executor=...)(fn): fn keeps its name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by reference, like the function it replaced under its name.
+        return (_find, (self.__wrapped__.__module__, self._name))
+
+
+def _find(module: str, qualname: str) -> object:
+    try:
+        found: object = sys.modules.get(module) or importlib.import_module(module)
+    except ImportError:
+        return None
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found
+
+
+def _call_wrapped(call: _AsyncCall[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    return call.__wrapped__(*args, **kwargs)
 
 
 @overload
