@@ -431,6 +431,22 @@ def test_eager_task_sees_the_callers_context_and_leaves_it_intact(eager: Celery)
     assert fields["task_id"] == result.id
 
 
+def test_uninstall_while_a_task_runs_still_resets_that_tasks_context(eager: Celery) -> None:
+    @eager.task(name="t.uninstalls")
+    def uninstalls() -> str | None:
+        uninstall(eager)  # e.g. a shutdown hook firing mid-task
+        return ctxrelay.request_id()
+
+    try:
+        with ctxrelay.bind(request_id="r-mid-uninstall"):
+            assert uninstalls.delay().get() == "r-mid-uninstall"
+            # The task's own binding (its task ids) ended with it.
+            assert "task_id" not in ctxrelay.current()
+        assert ctxrelay.current() == ctxrelay.Context()
+    finally:
+        install(eager)
+
+
 def test_eager_chain_and_retry_keep_the_context(eager: Celery) -> None:
     trail = eager.signature("t.trail")
     with ctxrelay.bind(request_id="r-eager-chain"):

@@ -134,7 +134,8 @@ def install(app: Celery, *, secret: Signer | Secret | Sequence[Secret] | None = 
 
 
 def uninstall(app: Celery) -> None:
-    """Stop relaying through ``app``; the signals go when no app is left.  Idempotent."""
+    """Stop relaying through ``app``; publishing and binding stop when no app
+    is left (the reset after a task stays, for tasks bound before).  Idempotent."""
     global _state
     with _lock:
         if _state is None:
@@ -158,7 +159,9 @@ def _connect() -> None:
 def _disconnect() -> None:
     signals.before_task_publish.disconnect(_on_publish, dispatch_uid=_UID)
     signals.task_prerun.disconnect(_on_prerun, dispatch_uid=_UID)
-    signals.task_postrun.disconnect(_on_postrun, dispatch_uid=_UID)
+    # task_postrun stays connected: a task bound before uninstall() must still
+    # have its token reset when it ends, or its context stays on the worker
+    # thread.  With nothing bound the handler finds no token and does nothing.
 
 
 def _on_publish(
