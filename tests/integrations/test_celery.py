@@ -432,14 +432,14 @@ def test_eager_task_sees_the_callers_context_and_leaves_it_intact(eager: Celery)
 
 
 def test_uninstall_while_a_task_runs_still_resets_that_tasks_context(eager: Celery) -> None:
-    @eager.task(name="t.uninstalls")
     def uninstalls() -> str | None:
         uninstall(eager)  # e.g. a shutdown hook firing mid-task
         return ctxrelay.request_id()
 
+    eager.task(name="t.uninstalls")(uninstalls)
     try:
         with ctxrelay.bind(request_id="r-mid-uninstall"):
-            assert uninstalls.delay().get() == "r-mid-uninstall"
+            assert eager.signature("t.uninstalls").delay().get() == "r-mid-uninstall"
             # The task's own binding (its task ids) ended with it.
             assert "task_id" not in ctxrelay.current()
         assert ctxrelay.current() == ctxrelay.Context()
