@@ -126,6 +126,14 @@ def as_signer(secret: Signer | Secret | Sequence[Secret] | None) -> Signer | Non
     return Signer(secret)
 
 
+def binding(task: object, message_id: object) -> str:
+    """What a signature is bound to besides the fields: the task (or actor,
+    or job function) and the message id, so a signed context copied onto
+    another message -- or onto another task with the same id -- is refused.
+    The task's arguments are not covered: see docs/queues.md, "Signing"."""
+    return f"{task}\x00{message_id}"
+
+
 def capture(binding: str, signer: Signer | None) -> dict[str, str]:
     """The carrier for a message published now; ``{}`` when there is no context."""
     ctx = current()

@@ -11,6 +11,8 @@ another task.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +24,15 @@ from celery import Celery, chain, chord, group, signals  # type: ignore[import-u
 from celery.result import AsyncResult, ResultSet  # type: ignore[import-untyped]
 
 import ctxrelay
-from ctxrelay._signing import KEY, SIGNATURE, WORKER_FIELDS, Signer, capture, restore
+from ctxrelay._signing import (
+    KEY,
+    SIGNATURE,
+    WORKER_FIELDS,
+    Signer,
+    binding,
+    capture,
+    restore,
+)
 from ctxrelay.integrations.celery import install, uninstall
 from tests.brokers import WorkerProcess, flush_redis, need_rabbitmq, need_redis, wait_until
 from tests.integrations.celery_app import SECRET, make_app
@@ -350,9 +360,9 @@ def _relay_off() -> Iterator[None]:
             install(app, secret=SECRET)
 
 
-def _signed(task_id: str, **fields: str) -> dict[str, str]:
+def _signed(task_id: str, task: str = "t.fields", **fields: str) -> dict[str, str]:
     with ctxrelay.bind(**fields):
-        return capture(task_id, Signer(SECRET))
+        return capture(binding(task, task_id), Signer(SECRET))
 
 
 def _tampered(task_id: str) -> dict[str, str]:
@@ -370,7 +380,7 @@ def _unsigned(task_id: str) -> dict[str, str]:
 def _junk_baggage(task_id: str) -> dict[str, str]:
     # Validly signed, so only the all-or-nothing read can refuse it.
     carrier = {"x-request-id": "r-bad", "baggage": "%zz;=,user"}
-    carrier[SIGNATURE] = Signer(SECRET).sign(carrier, task_id)
+    carrier[SIGNATURE] = Signer(SECRET).sign(carrier, binding("t.fields", task_id))
     return carrier
 
 
@@ -384,6 +394,11 @@ BAD: dict[str, tuple[str, Callable[[str], object]]] = {
     "copied-from-another-task": (
         "signature that does not match",
         lambda _: _signed("another-task", request_id="r-bad"),
+    ),
+    # Same message id, signed for another task: the task name is bound too.
+    "copied-onto-another-task": (
+        "signature that does not match",
+        lambda tid: _signed(tid, "t.other", request_id="r-bad"),
     ),
 }
 
@@ -431,20 +446,38 @@ def test_eager_task_sees_the_callers_context_and_leaves_it_intact(eager: Celery)
     assert fields["task_id"] == result.id
 
 
-def test_uninstall_while_a_task_runs_still_resets_that_tasks_context(eager: Celery) -> None:
-    def uninstalls() -> str | None:
-        uninstall(eager)  # e.g. a shutdown hook firing mid-task
-        return ctxrelay.request_id()
+UNINSTALL_MID_TASK = """
+import ctxrelay
+from ctxrelay.integrations.celery import uninstall
+from tests.integrations.celery_app import make_app
 
-    eager.task(name="t.uninstalls")(uninstalls)
-    try:
-        with ctxrelay.bind(request_id="r-mid-uninstall"):
-            assert eager.signature("t.uninstalls").delay().get() == "r-mid-uninstall"
-            # The task's own binding (its task ids) ended with it.
-            assert "task_id" not in ctxrelay.current()
-        assert ctxrelay.current() == ctxrelay.Context()
-    finally:
-        install(eager)
+app = make_app("memory://", "cache+memory://", "eager")  # installs ctxrelay
+app.conf.task_always_eager = True
+
+def uninstalls():
+    uninstall(app)  # the only app: every signal but the reset goes now
+    return ctxrelay.request_id()
+
+app.task(name="t.uninstalls")(uninstalls)
+with ctxrelay.bind(request_id="r-mid-uninstall"):
+    seen = app.signature("t.uninstalls").delay().get()
+    left = sorted(ctxrelay.current())
+print(seen, left, dict(ctxrelay.current()))
+"""
+
+
+def test_uninstall_while_a_task_runs_still_resets_that_tasks_context() -> None:
+    # In a fresh interpreter, so that this app is the only one installed.
+    result = subprocess.run(
+        [sys.executable, "-c", UNINSTALL_MID_TASK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    # The task saw its context, and its binding (task ids) ended with it.
+    assert result.stdout.split("\n")[-2] == "r-mid-uninstall ['request_id'] {}"
 
 
 def test_eager_chain_and_retry_keep_the_context(eager: Celery) -> None:

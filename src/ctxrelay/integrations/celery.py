@@ -80,7 +80,17 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .._context import _CURRENT, Context, current
-from .._signing import KEY, WORKER_FIELDS, Secret, Signer, as_signer, capture, restore, with_local
+from .._signing import (
+    KEY,
+    WORKER_FIELDS,
+    Secret,
+    Signer,
+    as_signer,
+    binding,
+    capture,
+    restore,
+    with_local,
+)
 
 __all__ = ["KEY", "TASK_ID", "TASK_PARENT_ID", "TASK_ROOT_ID", "Signer", "install", "uninstall"]
 
@@ -172,8 +182,10 @@ def _on_publish(
         return
     try:
         # Protocol 2 keeps the task id in the headers, protocol 1 in the body.
-        task_id = headers.get("id") or (body.get("id") if isinstance(body, Mapping) else None)
-        carrier = capture(str(task_id or ""), state.signer)
+        fields = body if isinstance(body, Mapping) else {}
+        task_id = headers.get("id") or fields.get("id")
+        task_name = headers.get("task") or fields.get("task")
+        carrier = capture(binding(task_name or "", task_id or ""), state.signer)
         if carrier:
             headers[KEY] = carrier
         else:
@@ -212,7 +224,8 @@ def _context_for(task: Any, state: _Installed) -> Context:
         base = current().remove(*WORKER_FIELDS)
     else:
         source = f"task {str(task.name)[:100]!r} id {str(request.id)[:100]!r}"
-        base = restore(_carried(request), str(request.id or ""), state.signer, source=source)
+        bound_to = binding(task.name or "", request.id or "")
+        base = restore(_carried(request), bound_to, state.signer, source=source)
     return with_local(
         base,
         {TASK_ID: request.id, TASK_PARENT_ID: request.parent_id, TASK_ROOT_ID: request.root_id},

@@ -52,7 +52,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .._context import _CURRENT, Context
-from .._signing import KEY, Secret, Signer, as_signer, capture, restore, with_local
+from .._signing import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
 
 __all__ = ["MESSAGE_ID", "RelayMiddleware", "Signer", "install", "uninstall"]
 
@@ -85,7 +85,7 @@ class RelayMiddleware(Middleware):
         try:
             if KEY in message.options:
                 return
-            carrier = capture(message.message_id, self.signer)
+            carrier = capture(binding(message.actor_name, message.message_id), self.signer)
             if carrier:
                 message.options[KEY] = carrier
         except Exception:
@@ -97,7 +97,8 @@ class RelayMiddleware(Middleware):
             message_id = message.message_id
             source = f"Dramatiq message {str(message_id)[:100]!r}"
             carried = message.options.get(KEY)
-            ctx = restore(carried, str(message_id), self.signer, source=source)
+            bound_to = binding(message.actor_name, message_id)
+            ctx = restore(carried, bound_to, self.signer, source=source)
             token = _CURRENT.set(with_local(ctx, {MESSAGE_ID: message_id}))
             self._tokens().append((message_id, token))
         except Exception:

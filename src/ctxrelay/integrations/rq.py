@@ -48,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("ctxrelay.integrations.rq needs RQ: pip install 'ctxrelay[rq]'") from exc
 
 from .._context import _CURRENT, Context, use
-from .._signing import KEY, Signer, capture, restore, with_local
+from .._signing import KEY, Signer, binding, capture, restore, with_local
 
 __all__ = ["JOB_ID", "RelayJob", "RelaySimpleWorker", "RelayWorker", "RelayWorkerMixin", "Signer"]
 
@@ -73,7 +73,7 @@ class RelayJob(Job):
     def create(cls, *args: Any, **kwargs: Any) -> Job:
         """``Job.create``, plus the current context in ``job.meta``."""
         job = super().create(*args, **kwargs)
-        carrier = capture(job.id, cls.signer)
+        carrier = capture(binding(job.func_name, job.id), cls.signer)
         if carrier:
             job.meta[KEY] = carrier
         return job
@@ -82,7 +82,8 @@ class RelayJob(Job):
         """The context to run this job in: its carried one, plus ``job_id``."""
         source = f"RQ job {str(self.id)[:100]!r}"
         carried = self.meta.get(KEY) if isinstance(self.meta, dict) else None
-        return with_local(restore(carried, self.id, self.signer, source=source), {JOB_ID: self.id})
+        bound_to = binding(self.func_name, self.id)
+        return with_local(restore(carried, bound_to, self.signer, source=source), {JOB_ID: self.id})
 
     def perform(self) -> Any:
         """Run the job function in the job's context (once, if a worker bound it)."""
