@@ -173,3 +173,38 @@ def test_coexists_with_opentelemetry_threading_instrumentor_in_either_order() ->
             setattr(threading.Timer, name, timer_attributes[name])
         elif name in threading.Timer.__dict__:
             delattr(threading.Timer, name)
+
+
+def test_long_lived_stdlib_threads_started_in_a_request_do_not_keep_it() -> None:
+    # seed 001 / TTL #733: under instrument(), a service thread started during
+    # a request must not capture it -- every later task would run in it.
+    import logging.handlers
+    import multiprocessing.pool
+    import queue
+
+    ctxrelay.instrument()
+    records: queue.Queue[object] = queue.Queue()
+    seen_by_listener: list[str | None] = []
+
+    class Probe(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen_by_listener.append(ctxrelay.get("user"))
+
+    with ctxrelay.bind(user="first"):
+        pool = multiprocessing.pool.ThreadPool(2)
+        listener = logging.handlers.QueueListener(records, Probe())
+        listener.start()
+    try:
+        with ctxrelay.bind(user="second"):
+            # ThreadPool is not relayed: its tasks see nothing -- never "first".
+            assert pool.apply_async(ctxrelay.get, ("user",)).get(10) is None
+        logger = logging.getLogger("ctxrelay.test.queue")
+        logger.addHandler(logging.handlers.QueueHandler(records))
+        logger.propagate = False
+        logger.warning("from outside any request")
+        listener.stop()
+        assert seen_by_listener == [None]
+    finally:
+        pool.terminate()
+        pool.join()
+        logging.getLogger("ctxrelay.test.queue").handlers.clear()
