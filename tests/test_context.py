@@ -649,3 +649,20 @@ def test_the_empty_context_is_the_documented_default() -> None:
     assert isinstance(current(), Context)
     assert len(current()) == 0
     assert current().request is None
+
+
+def test_a_scope_exited_in_another_context_restores_without_raising(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # FastAPI runs the two halves of a sync generator dependency in separate
+    # copies of the context: the token cannot reset there.
+    import contextvars
+
+    scope = bind(user="alice")
+    first = contextvars.copy_context()
+    first.run(scope.__enter__)
+    assert first.run(current) == {"user": "alice"}
+    second = first.copy()
+    second.run(scope.__exit__, None, None, None)
+    assert second.run(current) == Context()
+    assert "exited in another context" in caplog.text

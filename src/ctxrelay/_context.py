@@ -323,8 +323,21 @@ class _Scope:
         tb: TracebackType | None,
     ) -> None:
         token, self._token = self._token, None
-        if token is not None:
+        if token is None:
+            return
+        try:
             _CURRENT.reset(token)
+        except ValueError:
+            # Exited in another context than it was entered in (a sync
+            # generator dependency whose halves run in separate copies, a
+            # scope carried across tasks).  The token cannot reset here;
+            # restore the value it replaced instead of raising into the host.
+            previous = token.old_value
+            _CURRENT.set(EMPTY if previous is Token.MISSING else previous)
+            _log.warning(
+                "ctxrelay: a bind()/use() scope was exited in another context than "
+                "it was entered in; restored its previous value there"
+            )
 
 
 def bind(fields: Mapping[str, str] | None = None, /, **more: str) -> _Scope:
