@@ -122,6 +122,16 @@ def test_relayed_walk_downstream_answers_200_and_cart_serves_the_canary(
     assert "canary template" in hops[CELERY_HOP]["result"]
 
 
+def test_relayed_walk_request_id_arrives_at_member_and_cart(embedded: Document) -> None:
+    # What the services say they received, not what the calling thread held.
+    request_id = _walk(embedded, True)["request_id"]
+    hops = _hops(embedded, True)
+    for name in (HANDLER_HOP, MEMBER_HOP, CART_HOP):
+        assert hops[name]["arrived_request_id"] == request_id, name
+    for name in (AUDIT_HOP, CELERY_HOP):  # not calls
+        assert hops[name]["arrived_request_id"] is None, name
+
+
 def test_relayed_walk_every_log_line_carries_request_id_and_user(embedded: Document) -> None:
     request_id = _walk(embedded, True)["request_id"]
     for hop in _hops(embedded, True).values():
@@ -162,7 +172,12 @@ def test_unrelayed_walk_downstream_calls_get_401_without_cookie_or_canary(
     for name in (MEMBER_HOP, CART_HOP):
         hop = hops[name]
         assert (hop["status"], hop["cookie"], hop["canary"]) == (401, False, None), hop
+        assert hop["arrived_request_id"] is None, hop
         assert hop["thread"].startswith("plain-pool")
+    walk = _walk(embedded, False)
+    assert hops[HANDLER_HOP]["arrived_request_id"] == walk["request_id"]
+    for name in (MEMBER_HOP, CART_HOP):
+        assert {"hop": name, "problem": "request id did not arrive"} in walk["problems"]
 
 
 def test_unrelayed_walk_logs_lose_the_request_id_off_the_request_thread(
@@ -257,6 +272,10 @@ def test_text_report_through_the_ctxrelay_command_shows_both_walks() -> None:
     assert "401 login required" in member_off
     assert "relay on: every hop saw the whole request" in out
     assert "INFO [- -] shop.order: member addresses answered 401" in out
+    # The relayed member row: the id in the pool thread, and the id member received.
+    relayed_id = out.split("relay on ", 1)[1].split(".", 1)[0]
+    member_on = out.splitlines()[out.splitlines().index(member_off) + 1]
+    assert member_on.split()[:4] == ["on", "ctxrelay-pool_0", relayed_id, relayed_id]
 
 
 _BREAKS: list[tuple[str, dict[str, Any]]] = [
@@ -267,6 +286,9 @@ _BREAKS: list[tuple[str, dict[str, Any]]] = [
     (CELERY_HOP, {"cookie": True}),
     (CART_HOP, {"canary": None}),
     (MEMBER_HOP, {"status": 401}),
+    (HANDLER_HOP, {"arrived_request_id": None}),
+    (MEMBER_HOP, {"arrived_request_id": None}),
+    (CART_HOP, {"arrived_request_id": "req-other"}),
     (AUDIT_HOP, {"after_response": False}),
     (CELERY_HOP, {"log_line": "INFO [- -] shop.mail: sending"}),
 ]
@@ -301,6 +323,49 @@ def test_verdict_fails_when_a_hop_never_reports_or_stays_on_the_request_thread(
     assert problems(request_id, 200, request_id, inline) == (
         (CART_HOP, "never left the request thread"),
     )
+
+
+#: The demo with one thing broken: after ctxrelay's httpx hook, the order
+#: service's client drops ``x-request-id``, so it never goes out on the wire.
+_ID_NOT_FORWARDED = """
+import sys
+import ctxrelay.demo
+from ctxrelay.demo import services
+
+relay_headers = services.install
+
+def drop_request_id(request):
+    request.headers.pop("x-request-id", None)
+
+def install(client):
+    hooks = relay_headers(client).event_hooks
+    hooks["request"] = [*hooks["request"], drop_request_id]
+    client.event_hooks = hooks
+    return client
+
+services.install = install
+sys.exit(ctxrelay.demo.main(["--json"]))
+"""
+
+
+def test_demo_exits_1_when_the_request_id_does_not_reach_member_and_cart() -> None:
+    finished = subprocess.run(
+        [sys.executable, "-c", _ID_NOT_FORWARDED],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+    assert finished.returncode == 1, finished.stdout + finished.stderr
+    document = json.loads(finished.stdout)
+    assert document["ok"] is False
+    relayed = _walk(document, True)
+    # Everything else still holds: the pool thread has the id, only the wire lacks it.
+    assert all(hop["request_id"] == relayed["request_id"] for hop in relayed["hops"])
+    assert {(p["hop"], p["problem"]) for p in relayed["problems"]} == {
+        (name, "request id did not arrive") for name in (HANDLER_HOP, MEMBER_HOP, CART_HOP)
+    }
 
 
 def test_import_ctxrelay_imports_neither_the_demo_nor_an_integration() -> None:

@@ -85,6 +85,9 @@ class Hop:
     log_line: str
     #: The HTTP status another service answered (calls only).
     status: int | None = None
+    #: The ``x-request-id`` the other service says it received (calls only):
+    #: the id in this hop's context is not proof that it went out on the wire.
+    arrived_request_id: str | None = None
     #: Whether the work ran after the client had the whole response (audit only).
     after_response: bool | None = None
 
@@ -154,6 +157,7 @@ def observe(
     canary: str | None,
     result: str,
     status: int | None = None,
+    arrived_request_id: str | None = None,
     after_response: bool | None = None,
 ) -> Hop:
     """Log ``message`` and describe this hop, from the context current here."""
@@ -170,5 +174,6 @@ def observe(
         result=result,
         log_line=RECORDER.lines.get(name, ""),
         status=status,
+        arrived_request_id=arrived_request_id,
         after_response=after_response,
     )

@@ -84,8 +84,8 @@ def _hop_problems(hop: Hop, request_id: str, home: Hop | None) -> list[str]:
         found.append("session cookie lost")
     if hop.canary != CANARY:
         found.append("canary tag lost")
-    if hop.kind in (HANDLER, HTTP) and hop.status != 200:
-        found.append(f"answered {hop.status}")
+    if hop.kind in (HANDLER, HTTP):
+        found.extend(_call_problems(hop, request_id))
     if hop.kind == AUDIT and not hop.after_response:
         found.append("did not run after the response")
     if f"[{request_id} {USER}]" not in hop.log_line:
@@ -96,6 +96,19 @@ def _hop_problems(hop: Hop, request_id: str, home: Hop | None) -> list[str]:
         and (hop.pid, hop.thread) == (home.pid, home.thread)
     ):
         found.append("never left the request thread")
+    return found
+
+
+def _call_problems(hop: Hop, request_id: str) -> list[str]:
+    """A call: the other service answered 200, and the request id reached it."""
+    found = []
+    if hop.status != 200:
+        found.append(f"answered {hop.status}")
+    # The id in the calling thread's context proves nothing about the wire:
+    # the other service must say it received it.
+    if hop.arrived_request_id != request_id:
+        arrived = hop.arrived_request_id
+        found.append("request id did not arrive" if arrived is None else "wrong request id arrived")
     return found
 
 
@@ -131,7 +144,14 @@ def as_json(result: Result) -> str:
 
 # -- text --------------------------------------------------------------------
 
-_COLUMNS = (("hop", 20), ("walk", 5), ("runs on", 22), ("request id", 11), ("user", 6))
+_COLUMNS = (
+    ("hop", 20),
+    ("walk", 5),
+    ("runs on", 22),
+    ("request id", 12),
+    ("arrived", 12),
+    ("user", 6),
+)
 _MORE = (("cookie", 9), ("canary", 7), ("result", 0))
 
 INTRO = """\
@@ -155,7 +175,8 @@ has the context either way, as Spring's RequestContextHolder did.
 
 _LEGEND = """\
 Each hop is what the code saw where it ran.  LOST: it did not get it; a value
-ending in "!" belongs to another request.  cookie: did the user's session
+ending in "!" belongs to another request.  arrived: for a call, the request id
+the other service received (n/a: not a call).  cookie: did the user's session
 cookie reach it (for a call: arrive at the other service); the mail task must
 not get it -- the policy keeps credentials out of the broker.  Under each hop,
 the line it logged, as the log file has it."""
@@ -180,13 +201,20 @@ def _cookie(hop: Hop) -> str:
     return "yes" if hop.cookie else "LOST"
 
 
+def _arrived(hop: Hop, walk: Walk) -> str | None:
+    if hop.kind not in (HANDLER, HTTP):
+        return "n/a"
+    return _seen(hop.arrived_request_id, walk.request_id)
+
+
 def _row(hop: Hop, walk: Walk, pid: int) -> str:
     where = hop.thread if hop.pid == pid else f"pid {hop.pid} {hop.thread}"
     cells = (
         (hop.name, 20),
         (_label(walk), 5),
         (where, 22),
-        (_seen(hop.request_id, walk.request_id), 11),
+        (_seen(hop.request_id, walk.request_id), 12),
+        (_arrived(hop, walk), 12),
         (_seen(hop.user, USER), 6),
         (_cookie(hop), 9),
         (_seen(hop.canary, CANARY), 7),

@@ -3,7 +3,8 @@
 * **member** (``/member/me``, ``/member/addresses``) and **cart**
   (``/cart/items``) stand for other teams' services: they know nothing of
   ctxrelay, read the raw headers, answer 401 without the user's session
-  cookie, and report what arrived on the wire.  The cart answers with its
+  cookie, and report what arrived on the wire: whether the cookie came, the
+  canary tag and the ``x-request-id``.  The cart answers with its
   canary assortment when the request carries ``x-gray: canary`` (seed 004).
 * **order** (FastAPI behind ctxrelay's ``RelayMiddleware``): ``GET
   /order/confirm`` is seed 000's ``confirmOrder``.  On the request thread it
@@ -246,6 +247,7 @@ class OrderService:
     ) -> None:
         """Record a hop that called another service: what arrived there."""
         arrived = body.get("arrived", {})
+        arrived_id = arrived.get("request_id")
         self._record(
             observe(
                 hop,
@@ -256,6 +258,7 @@ class OrderService:
                 canary=arrived.get("canary"),
                 result=result,
                 status=status,
+                arrived_request_id=arrived_id if isinstance(arrived_id, str) else None,
             )
         )
 
