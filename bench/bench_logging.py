@@ -53,7 +53,7 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from time import thread_time_ns
@@ -68,6 +68,7 @@ import ctxrelay
 from ctxrelay.integrations.logging import ContextFilter
 from ctxrelay.integrations.loguru import patcher
 from ctxrelay.integrations.structlog import merge_context
+from harness import markdown_table, rotations
 
 REQUEST_ID = "bench-0001"
 
@@ -308,18 +309,12 @@ def sample(variant: Variant, records: int) -> float:
         logging.setLogRecordFactory(logging.LogRecord)
 
 
-def _rotations(items: Sequence[Variant], reps: int) -> Iterator[list[Variant]]:
-    for rep in range(reps):
-        k = rep % len(items)
-        yield [*items[k:], *items[:k]]
-
-
 def interleaved(variants: Sequence[Variant], settings: Settings) -> dict[str, list[float]]:
     """Per-variant samples (ns/record), all variants once per repetition."""
     samples: dict[str, list[float]] = {v.name: [] for v in variants}
     for variant in variants:  # warm up
         sample(variant, max(10, settings.records // 10))
-    for order in _rotations(variants, settings.reps):
+    for order in rotations(variants, settings.reps):
         for variant in order:
             samples[variant.name].append(sample(variant, settings.records))
         gc.collect()
@@ -327,12 +322,6 @@ def interleaved(variants: Sequence[Variant], settings: Settings) -> dict[str, li
 
 
 # -- report -------------------------------------------------------------------------
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def overhead(samples: list[float], bare: list[float]) -> float:
     """Median over repetitions of (variant - bare) in the same repetition."""
     return statistics.median(s - b for s, b in zip(samples, bare, strict=True))
@@ -354,7 +343,7 @@ def table(names: Sequence[str], samples: dict[str, list[float]]) -> str:
                 f"{statistics.median(m / b for m, b in zip(mine, bare, strict=True)):.3f}",
             ]
         )
-    return _table(["variant", "ns/record", "q1-q3", "overhead ns", "x bare"], rows)
+    return markdown_table(["variant", "ns/record", "q1-q3", "overhead ns", "x bare"], rows)
 
 
 def verdict(
@@ -401,7 +390,7 @@ def run(settings: Settings) -> None:
         for section in SECTIONS:
             verdicts += measure(section, count, settings)
     print("### ctxrelay's overhead against the anchors (ns per record over bare)\n")
-    print(_table(["ctxrelay", "overhead", "anchor", "overhead", "ctxrelay is"], verdicts))
+    print(markdown_table(["ctxrelay", "overhead", "anchor", "overhead", "ctxrelay is"], verdicts))
     _leave_all()
 
 

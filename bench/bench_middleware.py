@@ -58,6 +58,7 @@ from starlette_context.plugins import RequestIdPlugin
 
 from ctxrelay import RequestSnapshot
 from ctxrelay.integrations.asgi import RelayMiddleware
+from harness import markdown_table, rotations
 
 Scope = MutableMapping[str, Any]
 App = Callable[..., Any]
@@ -150,8 +151,7 @@ async def measure(
         await batch_ns(apps[name], scope, max(50, settings.batch // 10))
     samples: dict[str, list[float]] = {name: [] for name in names}
     overheads: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(settings.reps):
-        order = names[rep % len(names) :] + names[: rep % len(names)]
+    for order in rotations(names, settings.reps):
         this_rep: dict[str, float] = {}
         gc.collect()
         for name in order:
@@ -176,12 +176,6 @@ async def measure(
     return rows
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def run(settings: Settings) -> None:
     print("## Web middleware: per-request cost over the bare Starlette app\n")
     print(
@@ -193,10 +187,10 @@ def run(settings: Settings) -> None:
     rows += asyncio.run(measure("no inbound id", None, settings))
     rows += asyncio.run(measure("valid id + traceparent", str(uuid.uuid4()), settings, TRACEPARENT))
     header = ["case", "middleware", "µs/request", "overhead µs", "overhead vs bare"]
-    print(table(header, rows))
+    print(markdown_table(header, rows))
     print()
     print("## Reading the snapshot: the first read decodes the raw copy\n")
-    print(table(["read", "µs per snapshot"], first_read_rows(settings)))
+    print(markdown_table(["read", "µs per snapshot"], first_read_rows(settings)))
     print()
 
 

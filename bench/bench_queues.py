@@ -39,6 +39,7 @@ from celery import Celery  # type: ignore[import-untyped]
 
 import ctxrelay
 from ctxrelay.integrations.celery import install, uninstall
+from harness import rotations
 
 DB = 14
 URL = f"redis://127.0.0.1:6379/{DB}"
@@ -76,9 +77,8 @@ def _interleaved(
 ) -> dict[str, list[float]]:
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repetitions):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
+    for order in rotations(names, repetitions):
+        for name in order:
             samples[name].append(variants[name]())
     return samples
 
@@ -143,7 +143,10 @@ def bench_publish(calls: int, repetitions: int) -> str:
 
 
 def _start_worker(queue: str, relay: bool, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CTXRELAY_BENCH_QUEUE": queue}
+    # The worker imports this module as bench.bench_queues: bench/ too goes
+    # on the path, for its sibling harness module.
+    path = os.pathsep.join([str(ROOT), str(ROOT / "bench")])
+    env = {**os.environ, "PYTHONPATH": path, "CTXRELAY_BENCH_QUEUE": queue}
     env["CTXRELAY_BENCH_RELAY"] = "1" if relay else "0"
     args = [sys.executable, "-m", "celery", "-A", "bench.bench_queues", "worker", "-P", "solo"]
     args += ["-Q", queue, "-n", f"{queue}@%h", "-l", "warning", "--without-gossip"]

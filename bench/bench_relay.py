@@ -50,6 +50,7 @@ from opentelemetry.instrumentation.threading import ThreadingInstrumentor
 
 import ctxrelay
 from ctxrelay._context import _CURRENT
+from harness import markdown_table, rotations
 
 Task = Callable[[], object]
 Submit = Callable[[Task], "Future[Any]"]
@@ -242,19 +243,12 @@ def split(submit: Submit, tasks: int, workers: int) -> tuple[float, float]:
     return (submitted - start) / tasks, (ran - submitted) / tasks
 
 
-def _rotations(items: Sequence[Any], reps: int) -> Iterator[list[Any]]:
-    """``reps`` orderings of ``items``, rotated one place each time."""
-    for rep in range(reps):
-        k = rep % len(items)
-        yield [*items[k:], *items[:k]]
-
-
 def interleaved(
     variants: Sequence[Variant], measure: Callable[[Submit], T], reps: int
 ) -> dict[str, list[T]]:
     """Per-variant samples: all variants once per repetition, order rotated."""
     samples: dict[str, list[T]] = {v.name: [] for v in variants}
-    for order in _rotations(variants, reps):
+    for order in rotations(variants, reps):
         for variant in order:
             variant.enter()
             try:
@@ -282,13 +276,6 @@ def _quartiles(samples: Sequence[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def pool_table(
     samples: dict[str, list[float]], variants: Sequence[Variant], sees: dict[str, str]
 ) -> str:
@@ -310,7 +297,7 @@ def pool_table(
             ]
         )
     header = ["variant", "us/task", "q1-q3", "x bare", "x floor", "ns vs floor", "task sees"]
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def split_table(samples: dict[str, list[tuple[float, float]]], variants: Sequence[Variant]) -> str:
@@ -333,7 +320,7 @@ def split_table(samples: dict[str, list[tuple[float, float]]], variants: Sequenc
             ]
         )
     header = ["variant", "submit ns", "run ns", "submit vs floor", "run vs floor", "x floor"]
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 # -- micro benchmarks ---------------------------------------------------------------
@@ -379,7 +366,7 @@ def micro(settings: Settings) -> dict[str, list[float]]:
     timers = {label: timeit.Timer(stmt, globals=namespace) for label, stmt, _ in MICRO}
     numbers = {label: _calibrate(timer, settings.micro_seconds) for label, timer in timers.items()}
     raw: dict[str, list[float]] = {label: [] for label in timers}
-    for order in _rotations(list(timers), settings.micro_reps):
+    for order in rotations(list(timers), settings.micro_reps):
         for label in order:
             raw[label].append(timers[label].timeit(numbers[label]) / numbers[label])
     baseline = raw[MICRO[0][0]]
@@ -397,7 +384,7 @@ def micro_table(samples: dict[str, list[float]]) -> str:
         if target is not None:
             verdict = f"<= {target:.0f} ns: {'meets' if median_ns <= target else 'MISSES'}"
         rows.append([label, f"{median_ns:.0f}", verdict])
-    return table(["operation", "ns/op", "target"], rows)
+    return markdown_table(["operation", "ns/op", "target"], rows)
 
 
 # -- report -------------------------------------------------------------------------
@@ -427,7 +414,7 @@ def targets_table(
             f"{paired_ratio(batches[otel], batches[bare]):.3f}",
         ],
     ]
-    return table(["figure", "target / anchor", "measured"], rows)
+    return markdown_table(["figure", "target / anchor", "measured"], rows)
 
 
 def run(settings: Settings) -> None:

@@ -31,6 +31,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import ctxrelay
+from harness import rotations
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 TRACE = TraceContextTextMapPropagator()
@@ -102,8 +103,7 @@ def measure(variants: dict[str, Callable[[], object]], reps: int, loops: int) ->
         sample(fn, loops)  # warm up
     gc.disable()
     try:
-        for rep in range(reps):
-            order = names[rep % len(names) :] + names[: rep % len(names)]
+        for order in rotations(names, reps):
             for name in order:
                 times[name].append(sample(variants[name], loops))
     finally:
