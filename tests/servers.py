@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -196,3 +196,22 @@ def fire(
             return await asyncio.gather(*(one() for _ in range(count)))
 
     return asyncio.run(main())
+
+
+def call(app: Any, scope: MutableMapping[str, Any]) -> list[dict[str, Any]]:
+    """Run one ASGI call that never suspends, synchronously; return what was sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    coro = app(scope, receive, send)
+    try:
+        coro.send(None)
+    except StopIteration:
+        return sent
+    coro.close()
+    raise AssertionError("the probe app suspended")

@@ -34,7 +34,7 @@ import ctxrelay
 from ctxrelay import _policy
 from ctxrelay._request import MAX_HEADER_BYTES, MAX_HEADERS
 from ctxrelay.integrations.asgi import RelayMiddleware, valid_request_id
-from tests.servers import WAIT, Mailbox, fire, new_id, recording, serve_asgi
+from tests.servers import WAIT, Mailbox, call, fire, new_id, recording, serve_asgi
 
 log = logging.getLogger("tests.web.asgi")
 
@@ -437,25 +437,6 @@ class Probe:
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
-
-
-def call(app: Any, scope: Scope) -> list[dict[str, Any]]:
-    """Run one ASGI call that never suspends, synchronously; return what was sent."""
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    coro = app(scope, receive, send)
-    try:
-        coro.send(None)
-    except StopIteration:
-        return sent
-    coro.close()
-    raise AssertionError("the probe app suspended")
 
 
 def http_scope(*headers: tuple[bytes, bytes], **extra: Any) -> Scope:

@@ -22,6 +22,7 @@ import ctxrelay
 from ctxrelay import RequestSnapshot, _policy
 from ctxrelay.integrations import wsgi
 from ctxrelay.integrations.asgi import RelayMiddleware
+from tests.servers import call
 
 Scope = MutableMapping[str, Any]
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -42,23 +43,6 @@ class Probe:
         self.contexts.append(ctxrelay.current())
         await send(self.start)
         await send({"type": "http.response.body", "body": b"ok"})
-
-
-def call(app: Any, scope: Scope) -> list[dict[str, Any]]:
-    """One ASGI call that never suspends, run synchronously; what was sent."""
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    try:
-        app(scope, receive, send).send(None)
-    except StopIteration:
-        return sent
-    raise AssertionError("the ASGI call suspended")
 
 
 def http_scope(*headers: Any, client: tuple[str, int] = ("10.0.0.9", 5000)) -> dict[str, Any]:
