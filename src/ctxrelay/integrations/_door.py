@@ -273,12 +273,6 @@ def header_from_asgi(scope: Mapping[str, Any], name: bytes) -> str | None:
     return None
 
 
-def header_from_wsgi(environ: Mapping[str, Any], name: str) -> str | None:
-    """The value of header ``name`` in a WSGI environ, raw, or ``None``."""
-    value = environ.get("HTTP_" + name.upper().replace("-", "_"))
-    return value if isinstance(value, str) else None
-
-
 def _peer(host: object, port: object) -> str | None:
     if not isinstance(host, str) or not host:
         return None
