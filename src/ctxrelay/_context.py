@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
+from ._otel import end_use, note_use
 from ._policy import MASK, active
 from ._request import RequestSnapshot
 
@@ -144,11 +146,15 @@ class Context(Mapping[str, str]):
     every field again, dropping bad ones with a warning.
     """
 
-    __slots__ = ("_fields", "_hash", "_request")
+    __slots__ = ("_base", "_fields", "_hash", "_request")
 
     _fields: dict[str, str]
     _request: RequestSnapshot | None
     _hash: int | None
+    # The context a bind() scope replaced when it made this one (None for
+    # every other context): how a late or foreign scope exit tells whether
+    # the state it would restore has already been unwound (see _Scope).
+    _base: Context | None
 
     def __init__(
         self, fields: Mapping[str, str] | Iterable[tuple[str, str]] = (), /, **more: str
@@ -159,6 +165,7 @@ class Context(Mapping[str, str]):
         self._fields = validated
         self._request = None
         self._hash = None
+        self._base = None
 
     @classmethod
     def _make(cls, fields: dict[str, str], request: RequestSnapshot | None) -> Context:
@@ -167,6 +174,7 @@ class Context(Mapping[str, str]):
         ctx._fields = fields
         ctx._request = request
         ctx._hash = None
+        ctx._base = None
         return ctx
 
     # -- Mapping -------------------------------------------------------------
@@ -293,26 +301,84 @@ class _Scope:
     The reset is by token, never by setting an "empty" value, so nested and
     interleaved scopes restore exactly what was there (asgi-correlation-id
     #100 broke Celery autoretry logging by doing ``set(None)``).
+
+    A scope only ever restores what it replaced, in the context it was
+    entered in.  Exited anywhere else -- a generator holding ``with bind()``
+    closed by another request or finalized by the garbage collector in
+    whatever context happens to be current -- it leaves the current context
+    exactly as it is: writing its saved value there would hand one
+    request's whole context to another request's code.  See :func:`_exit`.
     """
 
-    __slots__ = ("_fields", "_target", "_token")
+    __slots__ = ("_ctx", "_token")
 
-    def __init__(self, target: Context | None, fields: dict[str, str] | None) -> None:
-        self._target = target
+    _ctx: Context | None
+    _token: Token[Context] | None
+
+    def __enter__(self) -> Context:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        token = self._token
+        if token is None:
+            return
+        self._token = None
+        if _CURRENT.get() is self._ctx:
+            try:
+                _CURRENT.reset(token)  # the common case: last in, first out
+                return
+            except ValueError:
+                pass  # a copy of the context it was entered in: foreign
+        _exit(token)
+
+
+class _Bind(_Scope):
+    """``bind()``: the current context plus some fields."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: dict[str, str]) -> None:
         self._fields = fields
-        self._token: Token[Context] | None = None
+        self._token = None
 
     def __enter__(self) -> Context:
         if self._token is not None:
             raise RuntimeError("this ctxrelay scope is already entered; call bind()/use() again")
-        ctx = self._target
-        if ctx is None:
-            base = _CURRENT.get()
-            fields = self._fields or {}
-            if base._fields:
-                fields = {**base._fields, **fields}
-            # Context values never mutate their dict, so an unchanged one is shared.
-            ctx = Context._make(fields, base._request)
+        base = _CURRENT.get()
+        fields = self._fields
+        if base._fields:
+            fields = {**base._fields, **fields}
+        # Context values never mutate their dict, so an unchanged one is shared.
+        ctx = Context._make(fields, base._request)
+        ctx._base = base
+        self._ctx = ctx
+        self._token = _CURRENT.set(ctx)
+        return ctx
+
+
+class _Use(_Scope):
+    """``use()``: another owner's context (a message's, a job's), as it is."""
+
+    __slots__ = ("_otel",)
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._token = None
+        self._otel: Token[object] | None = None
+
+    def __enter__(self) -> Context:
+        if self._token is not None:
+            raise RuntimeError("this ctxrelay scope is already entered; call bind()/use() again")
+        if _modules.get("opentelemetry.trace") is not None:
+            # Note OpenTelemetry's span as it is now: a stale one (a thread
+            # started during another request) must not speak for this context.
+            self._otel = note_use()
+        ctx: Context = self._ctx  # type: ignore[assignment]  # set in __init__
         self._token = _CURRENT.set(ctx)
         return ctx
 
@@ -322,22 +388,89 @@ class _Scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        token, self._token = self._token, None
+        token = self._token
         if token is None:
             return
-        try:
-            _CURRENT.reset(token)
-        except ValueError:
-            # Exited in another context than it was entered in (a sync
-            # generator dependency whose halves run in separate copies, a
-            # scope carried across tasks).  The token cannot reset here;
-            # restore the value it replaced instead of raising into the host.
-            previous = token.old_value
-            _CURRENT.set(EMPTY if previous is Token.MISSING else previous)
-            _log.warning(
-                "ctxrelay: a bind()/use() scope was exited in another context than "
-                "it was entered in; restored its previous value there"
-            )
+        self._token = None
+        if self._otel is not None:
+            end_use(self._otel)
+            self._otel = None
+        if _CURRENT.get() is self._ctx:
+            try:
+                _CURRENT.reset(token)
+                return
+            except ValueError:
+                pass
+        _exit(token)
+
+
+_modules = sys.modules
+
+
+def _exit(token: Token[Context]) -> None:
+    """The rare exits: out of order, or in a context the scope was not entered in.
+
+    * In another ``contextvars.Context`` (``reset`` refuses the token): leave
+      the current context as it is.  The old code set the saved value there,
+      and a generator closed by the GC during request B installed request
+      A's context, cookie included, into B's code.
+    * In its own context, after the state it would restore was already
+      restored by a scope around it that exited first (two generators closed
+      out of order): leave it, since restoring now would bring back a
+      context whose scope has ended.
+    * In its own context with something still bound on top (a scope entered
+      later and not exited yet): restore by token.  Ending a scope ends what
+      was bound inside it; the inner scope's own exit then finds its state
+      already unwound and leaves it.
+
+    Reported once per place, never raised into the host.
+    """
+    current = _CURRENT.get()
+    below: Context | None = None if token.old_value is Token.MISSING else token.old_value
+    for _ in range(_MAX_UNWIND):
+        if below is None:
+            break
+        if below is current:
+            _report_exit("out-of-order", "after the scope around it had already ended")
+            return
+        below = below._base
+    try:
+        _CURRENT.reset(token)
+    except ValueError:
+        _report_exit("foreign-exit", "in another context than it was entered in")
+        return
+    _report_exit("out-of-order", "while a scope entered after it was still open")
+
+
+# How far _exit follows the chain of enclosing contexts (nesting depth).
+_MAX_UNWIND = 64
+_reported: set[tuple[str, int]] = set()
+_REPORTED_MAX = 1024
+
+
+def _report_exit(kind: str, how: str) -> None:
+    try:
+        # 0 is this function, 1 _exit, 2 __exit__, 3 the frame of the with
+        # statement: where the scope was entered (its exit runs on that line).
+        frame = sys._getframe(3)
+        site = (frame.f_code.co_filename, frame.f_lineno)
+        if site in _reported:
+            return
+        if len(_reported) < _REPORTED_MAX:
+            _reported.add(site)
+        _log.warning(
+            "ctxrelay: a bind()/use() scope entered at %s:%d (in %s) was exited %s; "
+            "the current context was left as it is.  Typical cause: a generator "
+            "holding the scope was closed by other code or by the garbage collector; "
+            "close it where it runs, or hand the work off with ctxrelay.wrap()",
+            site[0],
+            site[1],
+            frame.f_code.co_name,
+            how,
+            extra={"ctxrelay_report": {"kind": kind, "file": site[0], "line": site[1]}},
+        )
+    except Exception:  # reporting must never raise into the host (GC, __exit__)
+        pass
 
 
 def bind(fields: Mapping[str, str] | None = None, /, **more: str) -> _Scope:
@@ -350,11 +483,11 @@ def bind(fields: Mapping[str, str] | None = None, /, **more: str) -> _Scope:
         validate_field(name, value)
     if fields:
         more = {**_validated(fields), **more}
-    return _Scope(None, more)
+    return _Bind(more)
 
 
 def use(ctx: Context) -> _Scope:
     """Context manager: make ``ctx`` (from :func:`extract`, a message, ...) current."""
     if not isinstance(ctx, Context):
         raise TypeError(f"use() takes a ctxrelay.Context, not {type(ctx).__name__}")
-    return _Scope(ctx, None)
+    return _Use(ctx)
