@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 import redis
 
-__all__ = ["RABBITMQ_URL", "WorkerProcess", "need_rabbitmq", "need_redis", "wait_until"]
+__all__ = [
+    "RABBITMQ_URL",
+    "WorkerProcess",
+    "need_rabbitmq",
+    "need_redis",
+    "need_redis_server",
+    "wait_until",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -47,6 +54,12 @@ def _need(name: str, port: int) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def need_redis_server() -> None:
+    """Skip (or fail on CI) if Redis is down; for tests that touch no database
+    (pub/sub channels are server-wide, not per database)."""
+    _need("Redis", 6379)
 
 
 def need_redis(db: int) -> str:

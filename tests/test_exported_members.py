@@ -18,6 +18,7 @@ def test_all_is_sorted_and_pinned() -> None:
         "bind",
         "configure",
         "current",
+        "detached",
         "extract",
         "get",
         "inject",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import multiprocessing.pool
+import multiprocessing.process
 import threading
 
 import pytest
@@ -11,13 +13,26 @@ import pytest
 import ctxrelay
 from ctxrelay import _instrument
 
-ORIGINALS = {
+ORIGINALS: dict[tuple[type, str], object] = {
     (threading.Thread, "start"): threading.Thread.__dict__["start"],
     (concurrent.futures.ThreadPoolExecutor, "submit"): (
         concurrent.futures.ThreadPoolExecutor.__dict__["submit"]
     ),
     (asyncio.BaseEventLoop, "run_in_executor"): asyncio.BaseEventLoop.__dict__["run_in_executor"],
-}
+    (concurrent.futures.ProcessPoolExecutor, "submit"): (
+        concurrent.futures.ProcessPoolExecutor.__dict__["submit"]
+    ),
+    (multiprocessing.process.BaseProcess, "start"): (
+        multiprocessing.process.BaseProcess.__dict__["start"]
+    ),
+    **{
+        (multiprocessing.pool.Pool, name): multiprocessing.pool.Pool.__dict__[name]
+        for name in (
+            "__init__", "apply_async", "map", "map_async", "starmap", "starmap_async",
+            "imap", "imap_unordered",
+        )
+    },
+}  # fmt: skip
 
 
 def current_attributes() -> dict[tuple[type, str], object]:
@@ -85,7 +100,7 @@ def test_instrument_from_many_threads_at_once_patches_once() -> None:
         t.start()
     for t in threads:
         t.join()
-    assert len(_instrument._patches) == 3
+    assert len(_instrument._patches) == len(ORIGINALS)
     submit = concurrent.futures.ThreadPoolExecutor.submit
     assert submit.__wrapped__ is ORIGINALS[(concurrent.futures.ThreadPoolExecutor, "submit")]  # type: ignore[attr-defined]
 
@@ -107,7 +122,7 @@ def test_uninstrument_leaves_a_patch_applied_over_ours(caplog: pytest.LogCapture
             is ORIGINALS[(concurrent.futures.ThreadPoolExecutor, "submit")]
         )
     finally:
-        threading.Thread.start = ORIGINALS[(threading.Thread, "start")]  # type: ignore[method-assign]
+        threading.Thread.start = ORIGINALS[(threading.Thread, "start")]  # type: ignore[method-assign,assignment]
 
 
 def test_drop_ins_under_instrument_capture_once_and_still_relay() -> None:
@@ -196,8 +211,9 @@ def test_long_lived_stdlib_threads_started_in_a_request_do_not_keep_it() -> None
         listener.start()
     try:
         with ctxrelay.bind(user="second"):
-            # ThreadPool is not relayed: its tasks see nothing -- never "first".
-            assert pool.apply_async(ctxrelay.get, ("user",)).get(10) is None
+            # Each task runs in its own submitter's context -- never "first".
+            assert pool.apply_async(ctxrelay.get, ("user",)).get(10) == "second"
+        assert pool.apply_async(ctxrelay.get, ("user",)).get(10) is None
         logger = logging.getLogger("ctxrelay.test.queue")
         logger.addHandler(logging.handlers.QueueHandler(records))
         logger.propagate = False

@@ -6,7 +6,7 @@ never imported from here.
 
 from __future__ import annotations
 
-from ._context import Context, bind, current, get, request, request_id, use
+from ._context import Context, bind, current, detached, get, request, request_id, use
 from ._instrument import instrument, instrumented, uninstrument
 from ._policy import Policy, configure
 from ._relay import (
@@ -34,6 +34,7 @@ __all__ = [
     "bind",
     "configure",
     "current",
+    "detached",
     "extract",
     "get",
     "inject",

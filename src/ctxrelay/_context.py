@@ -24,10 +24,12 @@ __all__ = [
     "EMPTY",
     "MAX_NAME_LENGTH",
     "MAX_VALUE_BYTES",
+    "DETACHED",
     "REQUEST_ID",
     "Context",
     "bind",
     "current",
+    "detached",
     "get",
     "request",
     "request_id",
@@ -272,6 +274,11 @@ def _unpickle(fields: dict[object, object], request: object) -> Context:
 
 EMPTY = Context()
 
+#: What ``detached()`` binds: empty, and a distinct object, so that a thread
+#: or process started while it is current starts from an empty
+#: ``contextvars.Context`` (no other library's variables either).
+DETACHED = Context._make({}, None)
+
 _CURRENT: ContextVar[Context] = ContextVar("ctxrelay.context", default=EMPTY)
 
 
@@ -484,6 +491,21 @@ def bind(fields: Mapping[str, str] | None = None, /, **more: str) -> _Scope:
     if fields:
         more = {**_validated(fields), **more}
     return _Bind(more)
+
+
+def detached() -> _Scope:
+    """Context manager: no fields inside the block, and nothing of the
+    request reaches what the block starts.
+
+    For long-lived work that must not belong to the request that happens to
+    start it: a library's service thread started lazily (a pub/sub listener,
+    a scheduler, a metrics server), a process pool created on first use.
+    Inside the block ``current()`` is empty; a thread or process started
+    there (``instrument()``'d or a ctxrelay drop-in) starts from an empty
+    ``contextvars.Context``, with no other library's variables either.
+    ``bind()`` inside the block binds afresh on top of nothing.
+    """
+    return _Use(DETACHED)
 
 
 def use(ctx: Context) -> _Scope:

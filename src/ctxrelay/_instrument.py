@@ -17,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from ._context import _CURRENT, DETACHED
+from ._lifetime import configure_owners, owners, started_by_library
 from ._relay import (
     STDLIB_SUBMIT,
     _make_stdlib_submit,
@@ -29,6 +32,7 @@ from ._relay import (
     prepare_start,
     relay_callbacks,
     relayed_task,
+    wrap,
 )
 
 __all__ = ["instrument", "instrumented", "uninstrument"]
@@ -49,7 +53,8 @@ def _call(previous: Any, self: object, *args: Any, **kwargs: Any) -> Any:
 
 def _patched_start(previous: Callable[[threading.Thread], None]) -> Callable[..., None]:
     def start(self: threading.Thread) -> None:
-        prepared = prepare_start(self)
+        # The caller decides: a library's own thread starts empty (_lifetime).
+        prepared = prepare_start(self, sys._getframe(1))
         try:
             _call(previous, self)
         except BaseException:
@@ -90,21 +95,128 @@ def _patched_run_in_executor(previous: Callable[..., Any]) -> Callable[..., Any]
     return run_in_executor
 
 
-def instrument() -> None:
+def _patched_process_submit(previous: Callable[..., Any]) -> Callable[..., Any]:
+    def submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        # A process pool created lazily inside request A forks its workers
+        # there: they would run request B's tasks as A.  Fork from an empty
+        # context; each task carries its own submitter's fields (map goes
+        # through submit, chunk by chunk).
+        task = relayed_task(self, fn)
+        return relay_callbacks(fork_clean(_call, previous, self, task, *args, **kwargs))
+
+    return submit
+
+
+def _patched_process_start(previous: Callable[..., Any]) -> Callable[..., Any]:
+    def start(self: Any) -> Any:
+        # A process a library starts for its own work (a pool's worker, a
+        # manager) is forked from an empty context, as its threads are.
+        if _CURRENT.get() is DETACHED or started_by_library(sys._getframe(1), self):
+            return fork_clean(_call, previous, self)
+        return _call(previous, self)
+
+    return start
+
+
+def _patched_pool_init(previous: Callable[..., Any]) -> Callable[..., Any]:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        # multiprocessing.Pool forks its workers here: never inside a request.
+        fork_clean(_call, previous, self, *args, **kwargs)
+
+    return __init__
+
+
+def _pool_task(pool: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+    if isinstance(pool, _thread_pool_class()):
+        return wrap(fn)  # threads: every contextvar, a fresh copy per call
+    return relayed_task(_AS_PROCESS_POOL, fn)  # processes: the picklable Context
+
+
+def _pool_callbacks(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # callback/error_callback run on the pool's result thread: in the
+    # submitter's context, like a future's done-callbacks.
+    for name in ("callback", "error_callback"):
+        if callable(kwargs.get(name)):
+            kwargs[name] = wrap(kwargs[name])
+    return kwargs
+
+
+def _patched_pool_method(previous: Callable[..., Any]) -> Callable[..., Any]:
+    def method(self: Any, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return _call(previous, self, _pool_task(self, func), *args, **_pool_callbacks(kwargs))
+
+    return method
+
+
+def _thread_pool_class() -> type:
+    import multiprocessing.pool
+
+    return multiprocessing.pool.ThreadPool
+
+
+class _AsProcessPool(concurrent.futures.ProcessPoolExecutor):
+    """Only a marker for relayed_task: "ships to other processes"."""
+
+    def __init__(self) -> None:  # never starts anything
+        pass
+
+
+_AS_PROCESS_POOL = _AsProcessPool()
+
+# multiprocessing.Pool's public task methods (apply calls apply_async).
+_POOL_METHODS = (
+    "apply_async", "map", "map_async", "starmap", "starmap_async", "imap", "imap_unordered",
+)  # fmt: skip
+
+
+def instrument(
+    *,
+    library_modules: Iterable[str] | None = None,
+    application_modules: Iterable[str] | None = None,
+) -> None:
     """Patch the standard library so that unchanged code relays the context.
 
     Idempotent and thread-safe; undo with :func:`uninstrument`.
+
+    A new thread relays the context of the code that starts it, unless that
+    code is a library's (the standard library or an installed package): a
+    library's own threads -- service threads, servers' per-connection
+    threads -- start empty, so they never keep the request that happened to
+    start them.  ``library_modules`` names more modules to treat as
+    libraries (their threads start empty); ``application_modules`` names
+    modules that are the application even though installed as a package
+    (their threads relay).  Names cover submodules; a call that gives them
+    replaces the names given before.  Process pools and ``multiprocessing``
+    pools fork their workers from an empty context, and each task carries
+    its submitter's fields.
     """
+    if library_modules is not None or application_modules is not None:
+        known_library, known_application = owners()
+        configure_owners(
+            known_library if library_modules is None else library_modules,
+            known_application if application_modules is None else application_modules,
+        )
     with _lock:
         if _patches:
             return
+        import multiprocessing.pool
+        import multiprocessing.process
+
+        pool = multiprocessing.pool.Pool
         targets: list[tuple[type, str, Callable[[Any], Any]]] = [
             (threading.Thread, "start", _patched_start),
             (concurrent.futures.ThreadPoolExecutor, "submit", _patched_submit),
             (asyncio.BaseEventLoop, "run_in_executor", _patched_run_in_executor),
+            (concurrent.futures.ProcessPoolExecutor, "submit", _patched_process_submit),
+            (multiprocessing.process.BaseProcess, "start", _patched_process_start),
+            (pool, "__init__", _patched_pool_init),
         ]
+        targets += [(pool, name, _patched_pool_method) for name in _POOL_METHODS]
         for owner, name, make in targets:
-            previous = owner.__dict__[name]
+            previous = owner.__dict__.get(name)
+            if previous is None:  # pragma: no cover - a Python without it
+                _log.debug("ctxrelay: %s.%s not found; not patched", owner.__qualname__, name)
+                continue
             patch = make(previous)
             patch.__wrapped__ = previous
             patch.__name__ = name

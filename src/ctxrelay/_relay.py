@@ -35,9 +35,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
-from ._context import _CURRENT, Context
+from ._context import _CURRENT, DETACHED, Context
+from ._lifetime import started_by_library
 
 __all__ = [
     "ContextExecutor",
@@ -393,57 +395,27 @@ class _RelayedRun:
             self.thread.__dict__.pop("run", None)
 
 
-_POOL_WORKER = getattr(concurrent.futures.thread, "_worker", None)
-
-
-def _long_lived_targets() -> tuple[object, ...]:
-    # Threads the standard library starts to serve many callers for a long
-    # time.  Under instrument() they must not capture whoever started them:
-    # a multiprocessing ThreadPool worker would run every later task in the
-    # first request's context (seed 001, TTL #733), a QueueListener would
-    # keep that request alive for the life of the program.  Looked up in
-    # sys.modules: a module not imported yet has started none of its threads,
-    # and ``import ctxrelay`` stays cheap.
-    found: list[object] = [_POOL_WORKER]
-    pool_module = sys.modules.get("multiprocessing.pool")
-    if pool_module is not None:
-        pool = pool_module.Pool
-        found += [pool_module.worker, pool._handle_workers, pool._handle_tasks]
-        found.append(pool._handle_results)
-    handlers = sys.modules.get("logging.handlers")
-    if handlers is not None:
-        found.append(handlers.QueueListener._monitor)
-    return tuple(getattr(f, "__func__", f) for f in found)
-
-
-# A process pool's manager thread serves all its tasks and runs their
-# done-callbacks: it must not keep the request that happened to start it.
-_PROCESS_MANAGER = getattr(concurrent.futures.process, "_ExecutorManagerThread", None)
-
-
 # Python 3.14 added Thread(context=...): the thread runs in that context.
 THREAD_TAKES_CONTEXT = "context" in inspect.signature(threading.Thread.__init__).parameters
 
 
-def prepare_start(thread: threading.Thread) -> bool:
+def prepare_start(thread: threading.Thread, starter: FrameType | None = None) -> bool:
     """Capture for ``thread.start()``: make its ``run`` execute in the capture.
 
     Works for subclasses that override ``run`` (``Timer`` does), because the
-    bound ``run`` is taken from the instance.  The standard library's
-    long-lived service threads -- ``ThreadPoolExecutor`` and
-    ``multiprocessing.pool`` workers and handlers, a process pool's manager
-    thread, a ``QueueListener`` -- get an empty context instead: they serve
-    many requests, and each task brings its own (or none).
+    bound ``run`` is taken from the instance.  ``starter`` is the frame that
+    called ``start()`` when the decision is instrument()'s: a thread a
+    library starts for its own long-lived work (the standard library's pool
+    workers and servers, redis-py's pub/sub thread, a scheduler) gets an
+    empty context instead (see ``_lifetime``).  Under ``detached()`` every
+    thread starts empty.  The drop-ins (``ctxrelay.Thread``, ``Timer``) pass
+    no starter: using one is the application's explicit choice to relay.
 
     Returns whether this call prepared anything: only then may a failed
     ``start()`` undo it (a second ``start()`` of a thread must leave the
     first start's relay alone).
     """
-    target = getattr(thread, "_target", None)
-    target = getattr(target, "__func__", target)
-    if any(target is known for known in _long_lived_targets()) or (
-        _PROCESS_MANAGER is not None and isinstance(thread, _PROCESS_MANAGER)
-    ):
+    if _CURRENT.get() is DETACHED or (starter is not None and started_by_library(starter, thread)):
         context = contextvars.Context()
     else:
         context = _copy_context()
