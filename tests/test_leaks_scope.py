@@ -228,3 +228,48 @@ def test_a_dropped_streaming_response_never_reaches_a_later_request() -> None:
     finally:
         gc.enable()
     assert seen == [{"request_id": f"req-probe-{i}"} for i in range(5)]
+
+
+def test_a_wsgi_body_dropped_unclosed_and_collected_in_a_later_request_on_that_thread() -> None:
+    # A threaded WSGI server runs every request of a worker thread in that
+    # thread's own context: the dropped body's scope is exited (by the GC) in
+    # the very context it was entered in, while another request is bound.
+    from ctxrelay.integrations.wsgi import RelayMiddleware
+
+    seen: list[Context] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [])
+        if environ["PATH_INFO"] == "/probe":
+            gc.collect()
+            seen.append(current())
+            return [b"ok"]
+
+        def body() -> Iterator[bytes]:
+            with bind(user="alice", session="cookie-of-alice"):
+                while True:
+                    yield b"x"
+
+        return body()
+
+    door = RelayMiddleware(app)
+
+    def start_response(*args: Any) -> Any:
+        return None
+
+    def environ(path: str, rid: str) -> dict[str, Any]:
+        return {"REQUEST_METHOD": "GET", "PATH_INFO": path, "HTTP_X_REQUEST_ID": rid}
+
+    gc.collect()
+    gc.disable()
+    try:
+        body = door(environ("/stream", "req-a"), start_response)
+        next(iter(body))
+        holder: dict[str, Any] = {"body": body}
+        holder["self"] = holder  # dropped without close(), in a cycle
+        del body, holder
+        list(door(environ("/probe", "req-b"), start_response))
+    finally:
+        gc.enable()
+    assert seen == [{"request_id": "req-b"}]
+    assert current() == Context()

@@ -341,7 +341,7 @@ class _Scope:
                 return
             except ValueError:
                 pass  # a copy of the context it was entered in: foreign
-        _exit(token)
+        _exit(token, self._ctx)
 
 
 class _Bind(_Scope):
@@ -408,45 +408,50 @@ class _Use(_Scope):
                 return
             except ValueError:
                 pass
-        _exit(token)
+        _exit(token, self._ctx)
 
 
 _modules = sys.modules
 
 
-def _exit(token: Token[Context]) -> None:
-    """The rare exits: out of order, or in a context the scope was not entered in.
+def _exit(token: Token[Context], ctx: Context | None) -> None:
+    """The rare exits: out of order, or where the scope's context is not bound.
 
-    * In another ``contextvars.Context`` (``reset`` refuses the token): leave
-      the current context as it is.  The old code set the saved value there,
-      and a generator closed by the GC during request B installed request
-      A's context, cookie included, into B's code.
-    * In its own context, after the state it would restore was already
-      restored by a scope around it that exited first (two generators closed
-      out of order): leave it, since restoring now would bring back a
-      context whose scope has ended.
-    * In its own context with something still bound on top (a scope entered
-      later and not exited yet): restore by token.  Ending a scope ends what
-      was bound inside it; the inner scope's own exit then finds its state
-      already unwound and leaves it.
+    A scope may restore only while its own context ``ctx`` is still on the
+    stack of what is bound here: ``ctx`` itself, or below the current
+    context (scopes entered inside it link to what they replaced, through
+    ``Context._base``).
+
+    * ``ctx`` is below the current context, in the context it was entered
+      in: scopes entered after it are still open (two generators closed in
+      the order they were opened).  Restore by token: ending a scope ends
+      what was bound inside it.  The inner scopes' exits then find their
+      contexts gone and leave.
+    * Otherwise -- in another ``contextvars.Context`` (``reset`` refuses the
+      token), or after the state was unwound and something else bound (a
+      generator finalized by the GC while a later request runs on the same
+      WSGI thread) -- leave the current context exactly as it is.  The old
+      rule set the saved value there, and a generator closed during request
+      B installed request A's context, cookie included, into B's code.
 
     Reported once per place, never raised into the host.
     """
-    current = _CURRENT.get()
-    below: Context | None = None if token.old_value is Token.MISSING else token.old_value
+    below = _CURRENT.get()._base
     for _ in range(_MAX_UNWIND):
         if below is None:
             break
-        if below is current:
-            _report_exit("out-of-order", "after the scope around it had already ended")
+        if below is ctx:
+            try:
+                _CURRENT.reset(token)
+            except ValueError:
+                break
+            _report_exit("out-of-order", "while a scope entered inside it was still open")
             return
         below = below._base
-    try:
-        _CURRENT.reset(token)
-    except ValueError:
-        _report_exit("foreign-exit", "in another context than it was entered in")
-        return
-    _report_exit("out-of-order", "while a scope entered after it was still open")
+    _report_exit(
+        "foreign-exit",
+        "in another context than it was entered in, or after its context was unbound",
+    )
 
 
 # How far _exit follows the chain of enclosing contexts (nesting depth).

@@ -17,11 +17,14 @@ request's context bound::
 The middleware is both sync and async capable, so Django never adapts it
 (an adaptation would run it in another thread or task).  A streamed body is
 iterated by the handler after the middleware returned, so its iterator is
-wrapped to bind the context around each chunk.
+wrapped to bind the context around each chunk, and ``response.close()`` (where
+Django closes the view's generator, also after a client dropped the stream)
+runs with the context bound too.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
@@ -126,7 +129,20 @@ class RelayMiddleware:
                 response.streaming_content = _bound_aiter(ctx, content)
             else:
                 response.streaming_content = _bound_iter(ctx, content)
+            # The server calls response.close() after the middleware returned,
+            # also when the client dropped the stream: Django then closes the
+            # view's generator there.  Run it with the request bound, as the
+            # WSGI middleware does, so its cleanup runs as its own request.
+            response.close = functools.partial(_bound_close, ctx, response.close)
         return response
+
+
+def _bound_close(ctx: Context, close: Callable[[], None]) -> None:
+    token = _CURRENT.set(ctx)
+    try:
+        close()
+    finally:
+        _CURRENT.reset(token)
 
 
 def _bound_iter(ctx: Context, chunks: Iterable[bytes]) -> Iterator[bytes]:

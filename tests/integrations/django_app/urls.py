@@ -14,4 +14,6 @@ urlpatterns = [
     path("stream", views.stream),
     path("astream", views.astream),
     path("boom", views.boom),
+    path("endless", views.endless),
+    path("aendless", views.aendless),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -86,3 +87,31 @@ async def astream(request: Any) -> Any:
 
 def boom(request: Any) -> Any:
     raise RuntimeError(f"boom in {ctxrelay.request_id()}")
+
+
+def endless(request: Any) -> Any:
+    """A stream the client is expected to drop: its generator holds a scope."""
+    user = request.GET["user"]
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            with ctxrelay.bind(user=user, session="cookie-of-" + user):
+                while True:
+                    yield b"x" * 65536
+                    time.sleep(0.001)
+        finally:  # closed by Django's response.close(): as which request?
+            BOX.post(f"closed-{user}", ctxrelay.request_id())
+
+    return StreamingHttpResponse(chunks(), content_type="application/octet-stream")
+
+
+async def aendless(request: Any) -> Any:
+    user = request.GET["user"]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        with ctxrelay.bind(user=user, session="cookie-of-" + user):
+            while True:
+                yield b"x" * 65536
+                await asyncio.sleep(0.001)
+
+    return StreamingHttpResponse(chunks(), content_type="application/octet-stream")
