@@ -5,9 +5,10 @@ test that needs to see what actually crossed the wire.  Each server listens on
 its own ephemeral port, so two servers are two destinations (two origins):
 one the policy treats as internal, one as foreign.
 
-``GET /redirect?to=<url>&status=302`` answers with a redirect to ``url``;
-every other path answers ``200 ok``.  Every request is recorded, redirects
-included, as a :class:`Received`.
+``GET /redirect?to=<url>&status=302`` answers with a redirect to ``url``
+(with ``&cookie=<name=value>``, it sets that cookie on the way, as a login
+redirect does); every other path answers ``200 ok``.  Every request is
+recorded, redirects included, as a :class:`Received`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             query = parse_qs(parts.query)
             self.send_response(int(query.get("status", ["302"])[0]))
             self.send_header("location", query["to"][0])
+            if "cookie" in query:
+                self.send_header("set-cookie", query["cookie"][0] + "; Path=/")
             self.send_header("content-length", "0")
             self.end_headers()
             return
@@ -89,11 +92,12 @@ class RecordingServer(http.server.ThreadingHTTPServer):
         """An absolute URL on this server."""
         return self.origin + path
 
-    def redirect_url(self, to: str, status: int = 302) -> str:
-        """A URL on this server that redirects to ``to``."""
+    def redirect_url(self, to: str, status: int = 302, cookie: str | None = None) -> str:
+        """A URL on this server that redirects to ``to`` (setting ``cookie``, if given)."""
         from urllib.parse import quote
 
-        return self.url(f"/redirect?status={status}&to={quote(to, safe='')}")
+        url = self.url(f"/redirect?status={status}&to={quote(to, safe='')}")
+        return url if cookie is None else f"{url}&cookie={quote(cookie, safe='')}"
 
     def record(self, received: Received) -> None:
         with self._lock:

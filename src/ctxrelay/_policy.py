@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-__all__ = ["Policy", "Route", "active", "configure"]
+__all__ = ["Policy", "Route", "active", "configure", "peer_of_client"]
 
 #: Header and field names whose values are credentials.  They are masked in
 #: every ``repr`` and never leave the process unless a destination names them.
@@ -31,6 +31,13 @@ DEFAULT_SENSITIVE: frozenset[str] = frozenset(
         "x-csrf-token",
     }
 )
+
+#: Credentials for a proxy, not for the destination: a forward proxy reads
+#: ``Proxy-Authorization`` and the client library sets it for each hop from
+#: its proxy settings.  A redirect to another origin does not make it the new
+#: destination's credential, so redirects leave it to the library (the other
+#: ``Proxy-*`` request header, ``Proxy-Connection``, carries no credential).
+PROXY_CREDENTIALS: frozenset[str] = frozenset({"proxy-authorization"})
 
 #: A name that *contains* one of these is treated as sensitive too: a
 #: ``db_password`` or ``session_token`` field is a secret whatever it is called.
@@ -274,6 +281,31 @@ def _split_peer(peer: str) -> tuple[str, str | None]:
         host, _, port = peer.partition(":")
         return host, port
     return peer, None
+
+
+def peer_of_client(client: str | None) -> str | None:
+    """The peer, as :meth:`Policy.trusts` reads it, of ``RequestSnapshot.client``.
+
+    The snapshot writes its client ``host:port`` without brackets, so an IPv6
+    client is ``"::1:5000"``; the web middleware checks ``"[::1]:5000"``.  Read
+    unbracketed, ``"::1:5000"`` is one address with no port, and a policy
+    trusting ``::1`` would not trust it: the last group is the port when what
+    precedes it is an IP address.  ``None`` or ``""`` (client unknown) is None.
+    """
+    if not client:
+        return None
+    client = client.strip()
+    if client.startswith("[") or client.count(":") < 2:
+        return client  # "10.0.0.1:5000", "host:80", "[::1]:5000", "host"
+    host, _, port = client.rpartition(":")
+    if port.isdigit():
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return f"[{host}]:{port}"
+    return f"[{client}]"  # an IPv6 address without a port ("::1")
 
 
 _active = Policy()

@@ -13,8 +13,9 @@ the calling task.  Headers the caller (or the session's defaults) set win.
 aiohttp sends one headers object through every redirect hop; on each hop the
 headers ctxrelay added are taken back and computed again for the new URL,
 and a hop to another origin (scheme, host or port) loses every sensitive
-header -- aiohttp itself drops only ``Authorization``, ``Cookie`` and
-``Proxy-Authorization`` there.
+header but ``Proxy-Authorization`` -- aiohttp itself drops only
+``Authorization``, ``Cookie`` and ``Proxy-Authorization`` there (its own
+proxy credentials, from the proxy URL, never pass through these hooks).
 """
 
 from __future__ import annotations

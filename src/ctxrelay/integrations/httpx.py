@@ -14,7 +14,10 @@ Headers are computed when the request is sent, from the context current in
 the sending thread or task.  Headers the caller set win.  On every redirect
 hop the headers ctxrelay added are taken back and computed again for the new
 URL; a hop to another origin (scheme, host or port) loses every sensitive
-header, the caller's included -- httpx itself only drops ``Authorization``.
+header, the caller's included -- httpx itself only drops ``Authorization`` --
+but ``Proxy-Authorization``, the proxy's.  A header ctxrelay added is taken
+back only while it holds what ctxrelay set: httpx rebuilds ``Cookie`` from
+the client's jar on every hop, and the cookies ctxrelay sent join the jar's.
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@ the sending thread (a ``ctxrelay.ThreadPoolExecutor`` task sees its
 submitter's).  Headers the caller set win.  On every redirect hop the headers
 ctxrelay added are taken back and computed again for the new URL; a hop to
 another origin (scheme, host or port) loses every sensitive header, the
-caller's included -- requests itself only drops ``Authorization`` there.
+caller's included -- requests itself only drops ``Authorization`` there --
+but ``Proxy-Authorization``, the proxy's.  A header ctxrelay added is taken
+back only while it holds what ctxrelay set: requests rebuilds ``Cookie``
+from its jar on every hop, and the cookies ctxrelay sent join the jar's.
 
 The module-level ``requests.get()`` builds a plain session per call: use a
 relaying session instead.
