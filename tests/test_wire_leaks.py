@@ -85,8 +85,8 @@ def stack(downstream: str, order: str, provider: TracerProvider | None = None) -
     provider = provider or TracerProvider()
     if order == "otel-outside":
         relayed = RelayMiddleware(app)
-        return OpenTelemetryMiddleware(relayed, tracer_provider=provider, exclude_spans=["send"])
-    traced = OpenTelemetryMiddleware(app, tracer_provider=provider, exclude_spans=["send"])
+        return OpenTelemetryMiddleware(relayed, tracer_provider=provider)
+    traced = OpenTelemetryMiddleware(app, tracer_provider=provider)
     return RelayMiddleware(traced)
 
 
