@@ -313,6 +313,18 @@ def test_a_span_from_before_use_does_not_speak_for_the_bound_context() -> None:
     assert (message["x-request-id"], message["traceparent"]) == ("req-B", T_B)
 
 
+def test_a_span_from_before_use_does_not_speak_for_a_context_without_a_trace() -> None:
+    def take_up_message_c() -> None:
+        with ctxrelay.use(ctxrelay.Context(request_id="req-C")), Session() as http:
+            http.get(downstream.url("/c"), timeout=WAIT)
+
+    with downstream_policy() as downstream:
+        in_a_thread_of_request_a(take_up_message_c)
+    received = downstream.last("/c").headers
+    assert received["x-request-id"] == "req-C"
+    assert "traceparent" not in received  # never request A's trace with C's id
+
+
 def test_a_span_started_under_use_speaks_for_the_bound_context() -> None:
     tracer = TracerProvider().get_tracer("worker")
     spans: list[str] = []

@@ -132,12 +132,14 @@ def _otel_trace_headers(relayed: str | None) -> dict[str, str] | None:
     """OpenTelemetry's trace headers when its active span speaks for the
     context, else None.  ``relayed`` is the context's own ``traceparent``.
 
-    A valid span speaks for the context when the context has no trace of its
-    own, or the span is in the context's trace, or it was started under the
-    ``use()`` that bound the context.  A span that was current already when
-    ``use(ctx)`` was entered, in another trace, is stale: a thread started
-    during request A still holds A's span when it takes up message B, and B's
-    request id must not go out with A's trace (while B's own is dropped).
+    A valid span speaks for the context when it is in the context's trace,
+    or it was not already current when the ``use()`` that bound the context
+    was entered (it was started under it, or no ``use()`` is in force, as
+    at the door).  A span that was current already when ``use(ctx)`` was
+    entered, in another trace or when the context has none, is stale: a
+    thread started during request A still holds A's span when it takes up
+    message B, and B's request id must not go out with A's trace (while B's
+    own is dropped).
     """
     global _otel_propagator
     trace: Any = sys.modules.get("opentelemetry.trace")
@@ -147,12 +149,8 @@ def _otel_trace_headers(relayed: str | None) -> dict[str, str] | None:
     context = span.get_span_context()
     if not context.is_valid:
         return None
-    if (
-        relayed is not None
-        and f"{context.trace_id:032x}" != relayed[3:35]
-        and span is span_at_use()
-    ):
-        return None  # a stale span from before use(): the relayed trace wins
+    if span is span_at_use() and (relayed is None or f"{context.trace_id:032x}" != relayed[3:35]):
+        return None  # a stale span from before use(): the relayed trace (if any) wins
     if _otel_propagator is None:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
