@@ -23,12 +23,15 @@ import logging
 import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import islice
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
+from ._escape import log_text
 from ._policy import MASK, active
 
 __all__ = [
+    "MAX_ASGI_ENTRIES",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
     "MAX_HEADERS_TOTAL_BYTES",
@@ -201,6 +204,73 @@ class Headers(Mapping[str, str]):
 _WSGI_CONTENT = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
 
 
+#: Entries read from a scope's ``headers`` when it is neither a list nor a
+#: tuple (an iterable a broken server made, maybe endless): the rest is left.
+MAX_ASGI_ENTRIES = 1024
+
+# The kinds of non-bytes ASGI header data already reported, (where, type
+# name): each is logged once, so a broken server cannot flood the log.
+# Bounded: the set of kinds a process sees is small, but not ours to trust.
+_refused: set[tuple[str, str]] = set()
+_REFUSED_MAX = 64
+
+
+def refuse_not_bytes(where: str, value: object) -> None:
+    """Report, once per kind, that ``value`` was refused as ASGI header data.
+
+    ASGI header names and values are byte strings.  Anything else is never
+    converted -- ``bytes(10**10)`` allocates 10 GB, ``bytes(iterator)`` reads
+    until the iterator ends, maybe never -- but dropped, and logged here
+    (warning, logger ``ctxrelay``).  Never raises.
+    """
+    try:
+        kind = (where, type(value).__qualname__)
+        if kind in _refused or len(_refused) >= _REFUSED_MAX:
+            return
+        _refused.add(kind)
+        _log.warning(
+            "ctxrelay: refused an ASGI %s of type %s (ASGI header names and values "
+            "are bytes; a broken server or adapter?); reported once per type",
+            where,
+            log_text(kind[1]),
+        )
+    except Exception:  # a type whose name cannot be read: nothing to report
+        pass
+
+
+def refuse_odd_headers(where: str, entries: object) -> None:
+    """Report (see :func:`refuse_not_bytes`) the first of ``entries`` that is
+    not a pair whose name is ``bytes``/``bytearray``.  For the rare path of a
+    caller that met one: scans a list or tuple only (bounded), never raises."""
+    try:
+        if type(entries) is not list and type(entries) is not tuple:
+            refuse_not_bytes(f"{where}s list", entries)
+            return
+        for entry in entries:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                refuse_not_bytes(f"{where} entry", entry)
+                return
+            if not isinstance(entry[0], (bytes, bytearray)):
+                refuse_not_bytes(f"{where} name", entry[0])
+                return
+    except Exception:  # a broken entry's own methods: nothing more to report
+        pass
+
+
+def _latin1(value: object) -> str | None:
+    """``value`` decoded if it is ``bytes``/``bytearray``, else ``None``.
+
+    Never ``bytes(value)``: for an int that allocates that many bytes, for an
+    iterator it reads it to its end.  The base class's ``decode``: a
+    subclass's own could do anything.  Costs the value's own size.
+    """
+    if isinstance(value, bytes):
+        return bytes.decode(value, "latin-1")
+    if isinstance(value, bytearray):
+        return bytearray.decode(value, "latin-1")
+    return None
+
+
 def _asgi_lines(raw: Iterable[object]) -> list[tuple[str, str]]:
     lines: list[tuple[str, str]] = []
     for pair in raw:
@@ -209,19 +279,44 @@ def _asgi_lines(raw: Iterable[object]) -> list[tuple[str, str]]:
             if type(name) is bytes and type(value) is bytes:
                 lines.append((name.decode("latin-1"), value.decode("latin-1")))
                 continue
-        # ASGI headers are pairs of byte strings.  Check the types rather
-        # than call bytes() on whatever came: bytes(0) is b"" and
-        # bytes(2**40) allocates a terabyte.
-        if (
-            isinstance(pair, (tuple, list))
-            and len(pair) == 2
-            and isinstance(pair[0], (bytes, bytearray))
-            and isinstance(pair[1], (bytes, bytearray))
-        ):
-            lines.append((pair[0].decode("latin-1"), pair[1].decode("latin-1")))
-        else:
+        # ASGI headers are pairs of byte strings: anything else is dropped,
+        # never converted (see _latin1).
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             _log.debug("ctxrelay: dropped a malformed ASGI header entry")
+            continue
+        name_text, value_text = _latin1(pair[0]), _latin1(pair[1])
+        if name_text is None:
+            refuse_not_bytes("header name", pair[0])
+        elif value_text is None:
+            refuse_not_bytes("header value", pair[1])
+        else:
+            lines.append((name_text, value_text))
     return lines
+
+
+def _asgi_entries(headers: object) -> tuple[Any, ...]:
+    """A copy of a scope's ``headers`` entries, read in bounded time and memory.
+
+    A list or tuple is copied whole (its size is the server's); any other
+    iterable is read up to :data:`MAX_ASGI_ENTRIES` entries -- ``tuple()`` of
+    an endless iterator would never return.  Never raises.
+    """
+    if not headers:
+        return ()
+    if type(headers) is list or type(headers) is tuple:
+        return tuple(headers)
+    if isinstance(headers, (str, bytes, bytearray)):  # no iterable of pairs
+        refuse_not_bytes("headers list", headers)
+        return ()
+    try:
+        entries = tuple(islice(headers, MAX_ASGI_ENTRIES + 1))  # type: ignore[call-overload]
+    except Exception:  # not iterable, or its iterator failed
+        refuse_not_bytes("headers list", headers)
+        return ()
+    if len(entries) > MAX_ASGI_ENTRIES:
+        _log.debug("ctxrelay: read the first %d ASGI header entries only", MAX_ASGI_ENTRIES)
+        return entries[:MAX_ASGI_ENTRIES]
+    return entries
 
 
 def _wsgi_lines(raw: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -400,9 +495,12 @@ class RequestSnapshot:
         return cls._from_asgi(scope)[0]
 
     @classmethod
-    def _from_asgi(cls, scope: Mapping[str, Any]) -> tuple[RequestSnapshot, tuple[Any, ...] | None]:
-        """The snapshot, and the scope's header entries when they are a value
-        copy kept raw (the door reads them too), else ``None``."""
+    def _from_asgi(
+        cls, scope: Mapping[str, Any]
+    ) -> tuple[RequestSnapshot, tuple[Any, ...] | None, tuple[Any, ...]]:
+        """The snapshot; the scope's header entries when they are a value copy
+        kept raw (the door reads them too), else ``None``; and the entries as
+        read (bounded: see :func:`_asgi_entries`), whatever they are."""
         # What a server sends -- str, bytes, (host, port) tuples, tuples of
         # bytes pairs -- is immutable: keep it raw and decode it on access.
         # Anything else is normalized now, into copies.
@@ -411,12 +509,15 @@ class RequestSnapshot:
             # The header entries as a tuple: a value copy when hashable all
             # through -- no list or bytearray the app could change later.
             # hash() checks that in C; ASGI's tuples of bytes pairs pass.
-            raw = tuple(headers)
+            # Only from a list or tuple: another iterable may be endless, and
+            # tuple() would read it forever (the careful path reads a part).
+            raw = tuple(headers) if type(headers) is list or type(headers) is tuple else None
             hash(raw)
         except Exception:  # a key missing, or odd values: the careful path
             return cls._from_odd_asgi(scope)
         if not (
-            type(method) is str
+            raw is not None
+            and type(method) is str
             and type(scheme) is str
             and scheme
             and type(path) is str
@@ -427,23 +528,23 @@ class RequestSnapshot:
             return cls._from_odd_asgi(scope)
         snap = _new(cls)
         _set_raw(snap, (method, scheme, path, query, client, server, _asgi_lines, raw))
-        return snap, raw
+        return snap, raw, raw
 
     @classmethod
     def _from_odd_asgi(
         cls, scope: Mapping[str, Any]
-    ) -> tuple[RequestSnapshot, tuple[Any, ...] | None]:
+    ) -> tuple[RequestSnapshot, tuple[Any, ...] | None, tuple[Any, ...]]:
         # Whatever a broken server or a test put in the scope: normalized now.
         raw: tuple[Any, ...] = ()
+        entries: tuple[Any, ...] = ()
         frozen = True
         try:
-            headers = scope.get("headers")
-            raw = tuple(headers) if headers else ()
+            raw = entries = _asgi_entries(scope.get("headers"))
             hash(raw)
         except Exception:
             frozen = False
         decode: Callable[[Any], Iterable[tuple[str, str]]] = _asgi_lines
-        if not frozen:  # not iterable, or mutable entries: decode them now
+        if not frozen:  # mutable entries: decode them now
             decode, raw = _text_lines, tuple(_asgi_lines(raw))
         method = _str(scope.get("method"), "GET")
         scheme = scope.get("scheme") or ("ws" if scope.get("type") == "websocket" else "http")
@@ -462,7 +563,7 @@ class RequestSnapshot:
             server = _address(server) if _port(server) is not None else ""
         snap = _new(cls)
         _set(snap, "_raw", (method, _str(scheme, ""), path, query, client, server, decode, raw))
-        return snap, raw if frozen else None
+        return snap, raw if frozen else None, entries
 
     @classmethod
     def from_wsgi(cls, environ: Mapping[str, Any]) -> RequestSnapshot:

@@ -22,6 +22,11 @@ present.  Anything unusual -- names not lowercase tokens, entries that are
 not pairs of ``bytes`` -- takes the careful path, which reads the decoded
 snapshot and gives the same result.  :func:`open_wsgi` does the same with
 environ keys.
+
+Hostile input costs no more than its own size: the names the door remembers
+are bounded in bytes (``PLAIN_NAME_BYTES``), header data that is not
+``bytes`` is refused, never converted (``bytes(10**10)`` would allocate
+10 GB), and a ``headers`` iterable that is not a list is read up to a bound.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from .._context import REQUEST_ID, Context, validate_field
@@ -40,6 +45,8 @@ from .._request import (
     MAX_HEADERS,
     MAX_HEADERS_TOTAL_BYTES,
     RequestSnapshot,
+    _latin1,
+    refuse_not_bytes,
 )
 from .._wire import BAGGAGE, TRACEPARENT, TRACESTATE, extract, fields_from
 
@@ -67,7 +74,19 @@ _ENVIRON_CONTENT = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
 
 # What the door reads as it is: lowercase HTTP token names.
 _TOKEN_LOWER = b"abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~"
-_PLAIN_MAX = 4096
+
+# Plan.plain, the names the door skips with one set lookup, is bounded in
+# bytes, not only in count: names come from clients, and h11 (uvicorn)
+# accepts a 15 KB one.  Capped by count alone (it was 4096 names), 4096
+# requests each with a new 15 KB name pinned 62 MB for the life of the
+# process.  Now only names of at most PLAIN_NAME_BYTES are remembered (real
+# header names are short; a longer one is still read, just not remembered),
+# at most PLAIN_NAMES of them, and a full set starts over (a flood of junk
+# names cannot keep new real ones out for good).  Retained at most, bytes
+# objects and the set's table (sys.getsizeof): PLAIN_RETAINED_BYTES.
+PLAIN_NAME_BYTES = 64
+PLAIN_NAMES = 1024
+PLAIN_RETAINED_BYTES = 160 * 1024
 
 
 def valid_request_id(value: str) -> bool:
@@ -108,6 +127,7 @@ class Plan(NamedTuple):
     id_extracted: bool
     #: ASGI names seen before that are lowercase tokens, neither ``extracted``
     #: nor the request-id header: the door skips them with one set lookup.
+    #: Short ones only, bounded in bytes (see ``PLAIN_NAME_BYTES``).
     plain: set[bytes]
 
     @classmethod
@@ -137,12 +157,15 @@ class Plan(NamedTuple):
     def learn(self, name: object) -> bool:
         """Whether an ASGI header ``name`` that is neither plain yet, nor the
         request-id header, nor extracted, may be read as it is: a lowercase
-        token in ``bytes``.  Such a name becomes plain (up to a bound: names
-        come from outside)."""
+        token in ``bytes``.  Such a name becomes plain if it is short (names
+        come from outside: see ``PLAIN_NAME_BYTES``)."""
         if type(name) is not bytes or not name or name.translate(None, _TOKEN_LOWER):
             return False  # uppercase, padded, not bytes: only the careful path reads it right
-        if len(self.plain) < _PLAIN_MAX:
-            self.plain.add(name)
+        if len(name) <= PLAIN_NAME_BYTES:
+            plain = self.plain
+            if len(plain) >= PLAIN_NAMES:
+                plain.clear()  # start over: the bound holds, new real names get in
+            plain.add(name)
         return True
 
 
@@ -257,19 +280,25 @@ def _extracted(snapshot: RequestSnapshot, peer: str | None) -> dict[str, str]:
         return {}
 
 
-def header_from_asgi(scope: Mapping[str, Any], name: bytes) -> str | None:
-    """The first value of header ``name`` in an ASGI scope, raw, or ``None``.
+def header_from_asgi(entries: Iterable[object], name: bytes) -> str | None:
+    """The first value of header ``name`` among ASGI header ``entries`` (the
+    bounded copy the snapshot read), raw, or ``None``.
 
     ASGI servers send lowercase names (the spec requires it); a malformed
-    entry is skipped.
+    entry is skipped.  Names and values that are not ``bytes``/``bytearray``
+    are never converted -- ``bytes(value)`` of an int allocates that many
+    bytes, of an endless iterator never returns -- but refused and reported.
     """
-    for pair in scope.get("headers") or ():
-        try:
-            key, value = pair
-            if key == name:
-                return bytes(value).decode("latin-1")
-        except (TypeError, ValueError):
+    for pair in entries:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             continue
+        key, value = pair[0], pair[1]
+        if not isinstance(key, (bytes, bytearray)) or key != name:
+            continue
+        text = _latin1(value)
+        if text is not None:
+            return text
+        refuse_not_bytes("header value", value)
     return None
 
 
@@ -290,10 +319,10 @@ def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) ->
     try:
         if plan is None:
             plan = door.plan()
-        snapshot, raw = RequestSnapshot._from_asgi(scope)
+        snapshot, raw, entries = RequestSnapshot._from_asgi(scope)
         name = plan.name_bytes
         if raw is None or name is None:
-            return _open_asgi_carefully(door, plan, scope, snapshot)
+            return _open_asgi_carefully(door, plan, scope, snapshot, entries)
         # One pass over the raw pairs, names compared as bytes; a name seen
         # before costs one set lookup.  This loop is the door's hot path.
         plain, extracted = plan.plain, plan.extracted
@@ -313,12 +342,12 @@ def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) ->
                     hits = hits or []
                     hits.append((key, item))
                 elif not plan.learn(key):
-                    return _open_asgi_carefully(door, plan, scope, snapshot)
+                    return _open_asgi_carefully(door, plan, scope, snapshot, entries)
         except (TypeError, ValueError):  # an entry that is not a pair, an unhashable name
-            return _open_asgi_carefully(door, plan, scope, snapshot)
+            return _open_asgi_carefully(door, plan, scope, snapshot, entries)
         if value is not None:
             if type(value) is not bytes:
-                return _open_asgi_carefully(door, plan, scope, snapshot)
+                return _open_asgi_carefully(door, plan, scope, snapshot, entries)
             raw_id = value.decode("latin-1")
         fields = {} if hits is None else _extract_raw(plan, raw, hits, scope, snapshot)
         return door._bind(fields, raw_id, snapshot)
@@ -344,7 +373,7 @@ def _extract_raw(
     """
     try:
         total = sum([len(key) + len(item) for key, item in raw])
-    except TypeError:  # a value without a length: leave it to the snapshot
+    except (TypeError, ValueError):  # no length, or an entry that is no pair (now)
         total = MAX_HEADERS_TOTAL_BYTES + 1
     if len(raw) > MAX_HEADERS or total > MAX_HEADERS_TOTAL_BYTES:
         return _extracted(snapshot, _asgi_peer(scope))
@@ -365,10 +394,16 @@ def _extract_raw(
 
 
 def _open_asgi_carefully(
-    door: Door, plan: Plan, scope: Mapping[str, Any], snapshot: RequestSnapshot
+    door: Door,
+    plan: Plan,
+    scope: Mapping[str, Any],
+    snapshot: RequestSnapshot,
+    entries: tuple[Any, ...],
 ) -> Context:
-    # Headers that are not a clean ASGI list: read them as they come.
-    raw_id = header_from_asgi(scope, plan.name.encode("latin-1"))
+    # Headers that are not a clean ASGI list: read them as they come -- from
+    # the snapshot's bounded copy, not the scope (an iterator there is spent,
+    # or endless).
+    raw_id = header_from_asgi(entries, plan.name.encode("latin-1"))
     return door.open(snapshot, raw_id, _asgi_peer(scope))
 
 

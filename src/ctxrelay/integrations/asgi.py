@@ -133,12 +133,23 @@ def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
             message = {**message, "headers": headers}
         for key, _ in headers:
             if len(key) == size:  # the length first: most names differ in it
-                if type(key) is not bytes:
-                    key = bytes(key)
+                if type(key) is not bytes and not isinstance(key, (bytes, bytearray)):
+                    # Never bytes(key): bytes() of an int-like allocates its
+                    # value in bytes, of an iterable reads it to its end.
+                    # Not the app's id, then; the server judges it.
+                    from .._request import refuse_odd_headers  # this rare branch only
+
+                    refuse_odd_headers("response header", headers)
+                    continue
                 if key.lower() == name:
                     return message
     except (TypeError, ValueError):
-        return message  # the server will judge malformed headers, not us
+        # A name without a length (an int, an iterator), an entry that is no
+        # pair: never converted, reported once; the server judges it, not us.
+        from .._request import refuse_odd_headers
+
+        refuse_odd_headers("response header", headers)
+        return message
     copy = dict(message)
     copy["headers"] = [*headers, header]
     return copy
@@ -146,9 +157,14 @@ def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
 
 def _log_error(scope: Scope) -> None:
     # logging reports its own handler failures (Handler.handleError): no guard.
+    # log_text() never raises.  Imported here: this is the error path only.
+    from .._escape import log_text
+
+    # Escaped: the server percent-decoded the path, and "/x%0aINFO [req-admin]
+    # ..." written raw would forge a log line (log injection).
     _errors.error(
         "unhandled exception in %s %s",
-        scope.get("method", "WEBSOCKET"),
-        scope.get("path", "?"),
+        log_text(scope.get("method", "WEBSOCKET")),
+        log_text(scope.get("path", "?")),
         exc_info=True,
     )

@@ -32,6 +32,7 @@ from typing import IO, Any, Final, Generic, NoReturn, TypeVar
 
 from .. import _policy
 from .._context import _CURRENT, REQUEST_ID, Context, validate_field
+from .._escape import escaped_values, log_text
 from .._policy import MASK, Policy, active
 
 __all__ = [
@@ -105,9 +106,17 @@ class FrozenFields(dict[str, str]):
 
 
 def masked_fields(ctx: Context, policy: Policy) -> FrozenFields:
-    """The fields of ``ctx``, each sensitive one's value replaced by ``***``."""
+    """The fields of ``ctx`` as a log line may show them: each sensitive one's
+    value replaced by ``***``, every other one escaped (:func:`log_text`).
+
+    Escaped too, though fields are validated: a field may hold a C1 control
+    (NEL), U+2028 or an ESC, and come from the request (a captured header,
+    a baggage member) -- each could forge a line or rewrite a terminal.
+    """
     return FrozenFields(
-        {name: MASK if policy.is_sensitive(name) else value for name, value in ctx.items()}
+        escaped_values(
+            {name: MASK if policy.is_sensitive(name) else value for name, value in ctx.items()}
+        )
     )
 
 
@@ -121,12 +130,15 @@ def request_attributes(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def request_values(ctx: Context, attributes: Iterable[str]) -> dict[str, str]:
-    """``{"request_<attribute>": value}`` for the snapshot attributes present."""
+    """``{"request_<attribute>": value}`` for the snapshot attributes present,
+    escaped (:func:`log_text`): servers percent-decode the path, so
+    ``/orders/1%0aINFO [req-admin] ...`` would otherwise write a second,
+    forged line."""
     snapshot = ctx.request
     if snapshot is None:
         return {}
     values = ((f"request_{attr}", getattr(snapshot, attr)) for attr in attributes)
-    return {name: value for name, value in values if value}
+    return {name: log_text(value) for name, value in values if value}
 
 
 class PerContext(Generic[_T]):
@@ -242,7 +254,9 @@ class ContextFilter(logging.Filter):
       ``ctx_<name>`` (``-`` and ``.`` become ``_``; names a ``LogRecord``
       uses are skipped) -- for formatters that emit every attribute.
 
-    Sensitive fields (:meth:`ctxrelay.Policy.is_sensitive`) carry ``***``.
+    Sensitive fields (:meth:`ctxrelay.Policy.is_sensitive`) carry ``***``;
+    every other value is escaped (``\\n``, ``\\x85``, ``\\u2028``: see
+    ``ctxrelay._escape``), so no value from a request can start a log line.
     Attributes the record already has win: an ``extra=`` value is kept, and
     a second filter (on a ``QueueListener``'s handler, on a log server that
     received the record over a socket -- places outside the request) does not

@@ -3,7 +3,9 @@
 Use it for the whole process with ``logger.configure(patcher=patcher)``, or
 for one logger with ``logger.patch(patcher)``.  It reads the one ctxrelay
 ``ContextVar`` per message; sensitive fields (``cookie``, ``authorization``,
-the names of :class:`ctxrelay.Policy`) carry ``***``.  ``request_id`` (and any
+the names of :class:`ctxrelay.Policy`) carry ``***``; every value is
+escaped (``\\n``, ``\\x85``, ``\\u2028``: see ``ctxrelay._escape``) so that no
+request can forge a line.  ``request_id`` (and any
 field declared with ``fields=``) is always in ``extra`` -- ``"-"`` outside a
 request -- so a format such as ``"{extra[request_id]} {message}"`` never
 fails.  Example::

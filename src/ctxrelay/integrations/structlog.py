@@ -5,7 +5,9 @@ and walks every variable on every log call -- 2-7 us with 50 bound, and more
 the more variables other libraries set.  :data:`merge_context` reads the one
 ctxrelay ``ContextVar`` and adds fields it prepared once per context, masked:
 sensitive fields (``cookie``, ``authorization``, the names of
-:class:`ctxrelay.Policy`) carry ``***``.  Example::
+:class:`ctxrelay.Policy`) carry ``***``, and every value is escaped
+(``\\n``, ``\\x85``, ``\\u2028``) so that no request can forge a line: see
+``ctxrelay._escape``.  Example::
 
     import structlog
     import ctxrelay

@@ -71,10 +71,14 @@ class RelayMiddleware:
             body = self.app(environ, start_response)
         except Exception:
             if self.log_errors:
+                from .._escape import log_text  # the error path only
+
+                # Escaped: the server percent-decoded PATH_INFO, and a raw
+                # "%0a" in it would forge a log line (log injection).
                 _errors.error(
                     "unhandled exception in %s %s",
-                    environ.get("REQUEST_METHOD", "?"),
-                    environ.get("PATH_INFO", "?"),
+                    log_text(environ.get("REQUEST_METHOD", "?")),
+                    log_text(environ.get("PATH_INFO", "?")),
                     exc_info=True,
                 )
             raise
