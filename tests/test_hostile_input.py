@@ -390,3 +390,19 @@ def test_response_header_names_that_are_not_bytes_are_never_converted(
         assert sent[0]["headers"] == probe.response_headers
     else:  # not the app's own id: ours is echoed; the server judges the bad line
         assert (b"x-request-id", b"rid-5") in sent[0]["headers"]
+
+
+def test_the_policy_remembers_verdicts_only_for_names_as_short_as_real_ones() -> None:
+    # Headers.__repr__ asks is_sensitive() about every inbound name: hostile
+    # 15 KB names must not be kept for the life of the process.
+    from ctxrelay import Policy, RequestSnapshot
+
+    policy = Policy()
+    for i in range(200):
+        snapshot = RequestSnapshot(headers=[(f"x-{i:05d}-" + "a" * 15_000, "v")])
+        for name in snapshot.headers:
+            policy.is_sensitive(name)
+    remembered = policy._verdicts
+    assert sum(len(name) for name in remembered) <= 4096 * 64
+    assert all(len(name) <= 64 for name in remembered)
+    assert policy.is_sensitive("x-" + "a" * 15_000 + "-token")  # still judged, not cached

@@ -46,6 +46,8 @@ SENSITIVE_FRAGMENTS: tuple[str, ...] = ("password", "passwd", "secret", "token",
 MASK = "***"
 
 _MAX_VERDICTS = 4096
+#: Longest name whose verdict is remembered (4096 x 64 characters at most).
+_VERDICT_NAME_MAX = 64
 
 
 def _lowered(names: Iterable[str]) -> frozenset[str]:
@@ -266,7 +268,10 @@ class Policy:
             verdict = lowered in self.sensitive or any(
                 fragment in lowered for fragment in SENSITIVE_FRAGMENTS
             )
-            if len(self._verdicts) < _MAX_VERDICTS:  # bounded: names may come from outside
+            # Bounded in count and in bytes: names come from outside (a
+            # snapshot's repr asks about every inbound header name), so only
+            # names as short as real ones are remembered.
+            if len(self._verdicts) < _MAX_VERDICTS and len(name) <= _VERDICT_NAME_MAX:
                 self._verdicts[name] = verdict
         return verdict
 
