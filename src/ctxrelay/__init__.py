@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._context import Context, bind, current, detached, get, request, request_id, use
 from ._instrument import instrument, instrumented, uninstrument
 from ._policy import Policy, configure
+from ._policy import active as active_policy
 from ._relay import (
     ContextExecutor,
     ProcessPoolExecutor,
@@ -31,6 +32,7 @@ __all__ = [
     "Thread",
     "ThreadPoolExecutor",
     "Timer",
+    "active_policy",
     "bind",
     "configure",
     "current",

@@ -25,11 +25,16 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "MAX_VALUE_BYTES",
     "DETACHED",
+    "FIELD_NAME",
     "REQUEST_ID",
     "Context",
     "bind",
     "current",
     "detached",
+    "enter",
+    "leave",
+    "make_context",
+    "read_current",
     "get",
     "request",
     "request_id",
@@ -47,7 +52,7 @@ REQUEST_ID = "request_id"
 #: letter or digit.  The alphabet is a subset of the HTTP token and W3C baggage
 #: key alphabets, so every name can travel as a header or baggage key as is.
 MAX_NAME_LENGTH = 64
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
+FIELD_NAME = _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
 
 #: Field values: at most 4096 bytes of UTF-8 (the W3C baggage per-member
 #: figure OpenTelemetry enforces), and no control character but horizontal
@@ -414,6 +419,43 @@ class _Use(_Scope):
 _modules = sys.modules
 
 
+def enter(ctx: Context) -> Token[Context]:
+    """Make ``ctx`` current; undo with :func:`leave` and the token.
+
+    The package's one way to bind a context outside a ``bind()``/``use()``
+    scope: the web doors, the queue workers, a step of a streamed body.
+    """
+    return _CURRENT.set(ctx)
+
+
+def leave(token: Token[Context]) -> None:
+    """Undo :func:`enter`: restore what was current before, by token.
+
+    In another ``contextvars.Context`` than the one :func:`enter` ran in (a
+    coroutine finalized by the GC elsewhere), the token cannot reset: the
+    current context is left exactly as it is, the place is reported once, and
+    nothing is raised into the host (the "No leak, ever" rule).
+    """
+    try:
+        _CURRENT.reset(token)
+    except ValueError:
+        _report_exit("foreign-exit", "in another context than it was entered in", depth=2)
+
+
+#: :func:`current` for the package's hot paths (a log filter per record):
+#: the ContextVar's own bound method, no Python frame per read.
+read_current = _CURRENT.get
+
+
+def make_context(fields: dict[str, str], request: RequestSnapshot | None) -> Context:
+    """A ``Context`` of already-validated ``fields`` (no copy, no checks).
+
+    For the package's trusted producers only (the door, ``extract``): the
+    dict becomes the context's own and must never be changed afterwards.
+    """
+    return Context._make(fields, request)
+
+
 def _exit(token: Token[Context], ctx: Context | None) -> None:
     """The rare exits: out of order, or where the scope's context is not bound.
 
@@ -460,11 +502,12 @@ _reported: set[tuple[str, int]] = set()
 _REPORTED_MAX = 1024
 
 
-def _report_exit(kind: str, how: str) -> None:
+def _report_exit(kind: str, how: str, depth: int = 3) -> None:
     try:
         # 0 is this function, 1 _exit, 2 __exit__, 3 the frame of the with
-        # statement: where the scope was entered (its exit runs on that line).
-        frame = sys._getframe(3)
+        # statement: where the scope was entered (its exit runs on that line);
+        # from leave(), 2 is the frame that called it.
+        frame = sys._getframe(depth)
         site = (frame.f_code.co_filename, frame.f_lineno)
         if site in _reported:
             return

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._context import _CURRENT, DETACHED
+from ._context import DETACHED, current
 from ._lifetime import configure_owners, owners, started_by_library
 from ._relay import (
     STDLIB_SUBMIT,
@@ -111,7 +111,7 @@ def _patched_process_start(previous: Callable[..., Any]) -> Callable[..., Any]:
     def start(self: Any) -> Any:
         # A process a library starts for its own work (a pool's worker, a
         # manager) is forked from an empty context, as its threads are.
-        if _CURRENT.get() is DETACHED or started_by_library(sys._getframe(1), self):
+        if current() is DETACHED or started_by_library(sys._getframe(1), self):
             return fork_clean(_call, previous, self)
         return _call(previous, self)
 

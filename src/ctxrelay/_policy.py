@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-__all__ = ["Policy", "Route", "active", "configure", "peer_of_client"]
+__all__ = ["Policy", "Route", "active", "configure", "peer_of_client", "STATE"]
 
 #: Header and field names whose values are credentials.  They are masked in
 #: every ``repr`` and never leave the process unless a destination names them.
@@ -313,18 +313,30 @@ def peer_of_client(client: str | None) -> str | None:
     return f"[{client}]"  # an IPv6 address without a port ("::1")
 
 
-_active = Policy()
+class _State:
+    """Where the active policy lives: one immutable value, swapped atomically."""
+
+    __slots__ = ("policy",)
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+
+#: The package's one read of the active policy on hot paths (a log filter
+#: per record, the door per request): ``STATE.policy`` costs an attribute
+#: read, not a call.  Only :func:`configure` assigns it; everything else
+#: calls :func:`active`.
+STATE = _State(Policy())
 
 
 def active() -> Policy:
-    """The process-wide policy currently in force."""
-    return _active
+    """The process-wide policy currently in force (``ctxrelay.active_policy()``)."""
+    return STATE.policy
 
 
 def configure(policy: Policy) -> Policy:
     """Make ``policy`` the process-wide policy; returns the previous one."""
-    global _active
     if not isinstance(policy, Policy):
         raise TypeError(f"configure() takes a ctxrelay.Policy, not {type(policy).__name__}")
-    previous, _active = _active, policy
+    previous, STATE.policy = STATE.policy, policy
     return previous

@@ -38,7 +38,7 @@ from concurrent.futures import Executor, Future
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
-from ._context import _CURRENT, DETACHED, Context
+from ._context import DETACHED, Context, current, enter
 from ._lifetime import started_by_library
 
 __all__ = [
@@ -112,7 +112,7 @@ def _bound_call(
     if not isinstance(context, Context):  # a forged pickle; Context unpickling validates fields
         _log.warning("ctxrelay: a process task arrived without a valid Context; running without")
         context = Context()
-    _CURRENT.set(context)
+    enter(context)
     return fn(*args, **kwargs)
 
 
@@ -125,7 +125,7 @@ def relayed_task(executor: Executor, fn: Callable[..., Any]) -> Callable[..., An
     if ships_to_processes(executor):
         if isinstance(fn, _ProcessTask):
             return fn
-        return _ProcessTask(_CURRENT.get(), fn)
+        return _ProcessTask(current(), fn)
     return _task(fn)
 
 
@@ -315,7 +315,7 @@ class ContextExecutor(Executor):
     ) -> Iterator[T]:
         if self._process:
             # One capture for the whole call; the pool pickles it per chunk.
-            task = _ProcessTask(_CURRENT.get(), fn)
+            task = _ProcessTask(current(), fn)
             return fork_clean(
                 self.executor.map, task, *iterables, timeout=timeout, chunksize=chunksize
             )
@@ -370,7 +370,7 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
     """
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        task = fn if isinstance(fn, _ProcessTask) else _ProcessTask(_CURRENT.get(), fn)
+        task = fn if isinstance(fn, _ProcessTask) else _ProcessTask(current(), fn)
         return relay_callbacks(fork_clean(super().submit, task, *args, **kwargs))
 
 
@@ -415,7 +415,7 @@ def prepare_start(thread: threading.Thread, starter: FrameType | None = None) ->
     ``start()`` undo it (a second ``start()`` of a thread must leave the
     first start's relay alone).
     """
-    if _CURRENT.get() is DETACHED or (starter is not None and started_by_library(starter, thread)):
+    if current() is DETACHED or (starter is not None and started_by_library(starter, thread)):
         context = contextvars.Context()
     else:
         context = _copy_context()
@@ -501,7 +501,7 @@ def _report_lost(name: str, exc: BaseException) -> None:
         "ctxrelay: @run_async task %s raised %s and nobody retrieved it; context: %r",
         name,
         type(exc).__name__,
-        _CURRENT.get(),
+        current(),
         exc_info=(type(exc), exc, exc.__traceback__),
     )
 
@@ -560,7 +560,7 @@ class _AsyncCall(Generic[P, R]):
         executor = self._executor or default_executor()
         captured = _copy_context()
         if ships_to_processes(executor):
-            task = _ProcessTask(_CURRENT.get(), self._picklable())
+            task = _ProcessTask(current(), self._picklable())
             # Its submit may fork the workers: from an empty context.
             inner = fork_clean(executor.submit, task, *args, **kwargs)
         else:

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .. import _policy
-from .._context import _CURRENT, REQUEST_ID
+from .._context import REQUEST_ID, enter, leave
 from ._door import Door, RequestIdValidator, open_asgi, valid_request_id
 
 __all__ = ["RelayMiddleware", "valid_request_id"]
@@ -91,12 +91,12 @@ class RelayMiddleware:
             return
         door = self._door
         plan = door.current_plan
-        if plan.policy is not _policy._active:  # Door.plan(), inlined: runs per request
+        if plan.policy is not _policy.STATE.policy:  # Door.plan(), inlined: runs per request
             plan = door.plan()
         ctx = open_asgi(door, scope, plan)
         if self.echo and plan.name_bytes is not None:
             send = _echoing(send, (plan.name_bytes, ctx._fields[REQUEST_ID].encode("latin-1")))
-        token = _CURRENT.set(ctx)
+        token = enter(ctx)
         try:
             await self.app(scope, receive, send)
         except Exception:
@@ -104,7 +104,7 @@ class RelayMiddleware:
                 _log_error(scope)
             raise
         finally:
-            _CURRENT.reset(token)
+            leave(token)
 
 
 def _echoing(send: Send, header: tuple[bytes, bytes]) -> Send:

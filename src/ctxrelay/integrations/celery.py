@@ -79,7 +79,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "ctxrelay.integrations.celery needs Celery: pip install 'ctxrelay[celery]'"
     ) from exc
 
-from .._context import _CURRENT, Context, current
+from .._context import Context, current, enter, leave
 from .._signing import (
     KEY,
     WORKER_FIELDS,
@@ -240,7 +240,7 @@ def _on_prerun(sender: object = None, task: Any = None, **_: Any) -> None:
         if task.app not in state.apps:
             return
         request = task.request
-        setattr(request, _TOKEN, _CURRENT.set(_context_for(task, state)))
+        setattr(request, _TOKEN, enter(_context_for(task, state)))
     except Exception:
         _log.exception("ctxrelay: could not bind the context of task %r", sender)
 
@@ -251,6 +251,6 @@ def _on_postrun(sender: object = None, task: Any = None, **_: Any) -> None:
     try:
         token = task.request.__dict__.pop(_TOKEN, None)
         if token is not None:
-            _CURRENT.reset(token)
+            leave(token)
     except Exception:
         _log.exception("ctxrelay: could not reset the context after task %r", sender)

@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised without Django only
         "ctxrelay.integrations.django needs Django: pip install 'ctxrelay[django]'"
     ) from exc
 
-from .._context import _CURRENT, REQUEST_ID, Context
+from .._context import REQUEST_ID, Context, enter, leave
 from ._door import Door, open_asgi, open_wsgi
 
 __all__ = ["RelayMiddleware", "door_from_settings"]
@@ -96,20 +96,20 @@ class RelayMiddleware:
         if self._async:
             return self._acall(request)
         ctx = self._open(request)
-        token = _CURRENT.set(ctx)
+        token = enter(ctx)
         try:
             response = self.get_response(request)
         finally:
-            _CURRENT.reset(token)
+            leave(token)
         return self._finish(response, ctx)
 
     async def _acall(self, request: Any) -> Any:
         ctx = self._open(request)
-        token = _CURRENT.set(ctx)
+        token = enter(ctx)
         try:
             response = await self.get_response(request)
         finally:
-            _CURRENT.reset(token)
+            leave(token)
         return self._finish(response, ctx)
 
     def _open(self, request: Any) -> Context:
@@ -138,34 +138,34 @@ class RelayMiddleware:
 
 
 def _bound_close(ctx: Context, close: Callable[[], None]) -> None:
-    token = _CURRENT.set(ctx)
+    token = enter(ctx)
     try:
         close()
     finally:
-        _CURRENT.reset(token)
+        leave(token)
 
 
 def _bound_iter(ctx: Context, chunks: Iterable[bytes]) -> Iterator[bytes]:
     it = iter(chunks)
     while True:
-        token = _CURRENT.set(ctx)  # bound for this step only, reset before yielding
+        token = enter(ctx)  # bound for this step only, reset before yielding
         try:
             chunk = next(it)
         except StopIteration:
             return
         finally:
-            _CURRENT.reset(token)
+            leave(token)
         yield chunk
 
 
 async def _bound_aiter(ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     it = aiter(chunks)
     while True:
-        token = _CURRENT.set(ctx)
+        token = enter(ctx)
         try:
             chunk = await anext(it)
         except StopAsyncIteration:
             return
         finally:
-            _CURRENT.reset(token)
+            leave(token)
         yield chunk

@@ -51,7 +51,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "ctxrelay.integrations.dramatiq needs Dramatiq: pip install 'ctxrelay[dramatiq]'"
     ) from exc
 
-from .._context import _CURRENT, Context
+from .._context import Context, enter, leave
 from .._signing import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
 
 __all__ = ["MESSAGE_ID", "RelayMiddleware", "Signer", "install", "uninstall"]
@@ -99,7 +99,7 @@ class RelayMiddleware(Middleware):
             carried = message.options.get(KEY)
             bound_to = binding(message.actor_name, message_id)
             ctx = restore(carried, bound_to, self.signer, source=source)
-            token = _CURRENT.set(with_local(ctx, {MESSAGE_ID: message_id}))
+            token = enter(with_local(ctx, {MESSAGE_ID: message_id}))
             self._tokens().append((message_id, token))
         except Exception:
             _log.exception("ctxrelay: could not bind the context of a Dramatiq message")
@@ -124,7 +124,7 @@ class RelayMiddleware(Middleware):
         try:
             while tokens:
                 message_id, token = tokens.pop()
-                _CURRENT.reset(token)
+                leave(token)
                 if message_id == message.message_id:
                     break
         except Exception:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any, Final, Generic, NoReturn, TypeVar
 
 from .. import _policy
-from .._context import _CURRENT, REQUEST_ID, Context, validate_field
+from .._context import REQUEST_ID, Context, read_current, validate_field
 from .._escape import escaped_values, log_text
 from .._policy import MASK, Policy, active
 
@@ -48,7 +48,7 @@ __all__ = [
 
 _log = logging.getLogger("ctxrelay")
 #: The ContextVar's bound ``get``: one attribute lookup less per record.
-_current: Final = _CURRENT.get
+_current: Final = read_current
 _T = TypeVar("_T")
 
 #: What a declared attribute holds on a record logged outside any request (or
@@ -170,7 +170,7 @@ class PerContext(Generic[_T]):
         """What ``build`` makes of the current context."""
         ctx = _current()
         last = self.last  # one tuple, read once: other threads may replace it
-        if last[0] is not ctx or last[1] is not _policy._active:
+        if last[0] is not ctx or last[1] is not _policy.STATE.policy:
             last = self.lookup(ctx)
         return last[2]
 
@@ -304,7 +304,7 @@ class ContextFilter(logging.Filter):
         # bound ``get``, and the policy is read as a module attribute, not
         # through ``active()``: each saves a lookup or a call per record.
         ctx, policy, request_id, fields, more = self._last
-        if ctx is not _current() or policy is not _policy._active:
+        if ctx is not _current() or policy is not _policy.STATE.policy:
             ctx, policy, request_id, fields, more = self._last = self._refresh()
         if hasattr(record, "request_id"):
             # Set already: by extra=, or by a filter where the record was made.

@@ -47,7 +47,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("ctxrelay.integrations.rq needs RQ: pip install 'ctxrelay[rq]'") from exc
 
-from .._context import _CURRENT, Context, use
+from .._context import Context, enter, leave, use
 from .._signing import KEY, Signer, binding, capture, restore, with_local
 
 __all__ = ["JOB_ID", "RelayJob", "RelaySimpleWorker", "RelayWorker", "RelayWorkerMixin", "Signer"]
@@ -106,14 +106,14 @@ class RelayWorkerMixin:
     job_class: type[Job] = RelayJob
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
-        token = _CURRENT.set(_context_of(job))
+        token = enter(_context_of(job))
         mark = _bound_job.set(job.id)
         try:
             result: bool = super().perform_job(job, queue, execution)  # type: ignore[misc]
             return result
         finally:
             _bound_job.reset(mark)
-            _CURRENT.reset(token)
+            leave(token)
 
 
 class RelayWorker(RelayWorkerMixin, Worker):

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .._context import _CURRENT, REQUEST_ID, Context
+from .._context import REQUEST_ID, Context, enter, leave
 from ._door import Door, RequestIdValidator, open_wsgi, valid_request_id
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class RelayMiddleware:
         ctx = open_wsgi(self._door, environ)
         if self.echo:
             start_response = _echoing(start_response, self._door.header_name, ctx[REQUEST_ID])
-        token = _CURRENT.set(ctx)
+        token = enter(ctx)
         try:
             body = self.app(environ, start_response)
         except Exception:
@@ -83,7 +83,7 @@ class RelayMiddleware:
                 )
             raise
         finally:
-            _CURRENT.reset(token)
+            leave(token)
         if isinstance(body, (list, tuple)):
             return body  # nothing left to run: no user code in a list
         return BoundBody(body, ctx)
@@ -119,21 +119,21 @@ class BoundBody:
         return self
 
     def __next__(self) -> bytes:
-        token = _CURRENT.set(self._ctx)
+        token = enter(self._ctx)
         try:
             if self._iter is None:
                 self._iter = iter(self._body)
             return next(self._iter)
         finally:
-            _CURRENT.reset(token)
+            leave(token)
 
     def close(self) -> None:
         """Close the wrapped body (PEP 3333) with the context bound."""
         close = getattr(self._body, "close", None)
         if close is None:
             return
-        token = _CURRENT.set(self._ctx)
+        token = enter(self._ctx)
         try:
             close()
         finally:
-            _CURRENT.reset(token)
+            leave(token)
