@@ -88,6 +88,22 @@ _HTTPX_CALLS = {f"httpx.{v}" for v in (*_HTTP_VERBS, "stream")}
 _HTTPX_CLIENTS = {"httpx.Client", "httpx.AsyncClient"}
 _AIOHTTP_CALLS = {"aiohttp.request"}
 _AIOHTTP_SESSIONS = {"aiohttp.ClientSession", "aiohttp.client.ClientSession"}
+_CAST = {"typing.cast", "typing_extensions.cast"}
+# Generic[X] whose X is what a call hands out (a getter, a @contextmanager).
+_YIELDING = {
+    f"{module}.{name}"
+    for module in ("typing", "collections.abc", "typing_extensions", "contextlib")
+    for name in (
+        "Generator",
+        "Iterator",
+        "AsyncGenerator",
+        "AsyncIterator",
+        "ContextManager",
+        "AsyncContextManager",
+        "AbstractContextManager",
+        "AbstractAsyncContextManager",
+    )
+}
 _TYPING_WRAPPERS = {
     "typing.Optional",
     "typing.Union",
@@ -527,9 +543,15 @@ class Project:
         return kind
 
     def _relays(self, info: _Class, kind: str) -> bool:
-        """Does a subclass of a pool or thread carry the context itself?"""
-        overrides = ("submit", "map") if kind != THREAD else ("start", "run", "__init__")
-        for name in overrides:
+        """Does a subclass of a pool or thread carry the context itself?
+
+        A pool subclass that overrides submit() or map() is taken to do it (that is
+        what such overrides are for: sentry's, langchain's, weave's ...); a thread
+        subclass only when its start()/run()/__init__ copy the context.
+        """
+        if kind != THREAD:
+            return "submit" in info.methods or "map" in info.methods
+        for name in ("start", "run", "__init__"):
             method = info.methods.get(name)
             if method is not None and self._mentions_relay(info.module, method[0]):
                 return True
@@ -578,6 +600,10 @@ class Project:
                 (self.annotation_kind(module, node.left), self.annotation_kind(module, node.right))
             )
         if isinstance(node, ast.Subscript):
+            if module.qualify(node.value) in _YIELDING:
+                inner = node.slice
+                first = inner.elts[0] if isinstance(inner, ast.Tuple) and inner.elts else inner
+                return self.annotation_kind(module, first)
             if module.qualify(node.value) in _TYPING_WRAPPERS:
                 inner = node.slice
                 elts = inner.elts if isinstance(inner, ast.Tuple) else [inner]
@@ -724,14 +750,13 @@ class Project:
             return None
         fn, fn_scope = target
         owner_module = self._module_of(fn_scope)
-        declared = self.annotation_kind(owner_module, fn.returns)
-        if declared is not None:
-            return declared
+        # what the body hands out says more than the declared type (a getter declared
+        # `-> Executor` that returns a relaying pool)
         kinds: list[str | None] = []
         for sub in _returns(fn):
             if sub.value is not None:
                 kinds.append(self.kind(owner_module, fn_scope, sub.value, depth + 1))
-        return _merge(kinds)
+        return _merge(kinds) or self.annotation_kind(owner_module, fn.returns)
 
     def _module_of(self, scope: _Scope) -> ModuleFacts:
         while scope.parent is not None:
@@ -760,6 +785,8 @@ class Project:
                 return "relayed", fn
             if name in _PARTIAL and fn.args:
                 return self.callable_state(module, call, fn.args[0], seen)
+            if name in _CAST and len(fn.args) == 2:
+                return self.callable_state(module, call, fn.args[1], seen)
             if name is not None and self._captures_at_call(module, call.scope, fn):
                 return "relayed", fn
             return "lost", fn
@@ -1189,9 +1216,10 @@ def _own_nodes(fn: ast.AST) -> Iterator[ast.AST]:
         stack.extend(ast.iter_child_nodes(node))
 
 
-def _returns(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> Iterator[ast.Return]:
+def _returns(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> Iterator[ast.Return | ast.Yield]:
+    """What a call of ``fn`` hands out: its returns, or what a generator yields."""
     for node in _own_nodes(fn):
-        if isinstance(node, ast.Return):
+        if isinstance(node, ast.Return | ast.Yield):
             yield node
 
 
