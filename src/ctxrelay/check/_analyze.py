@@ -446,7 +446,11 @@ class ModuleFacts:
                 return
         elif isinstance(func, ast.Name):
             name = func.id
-            if name not in _CALL_NAMES and not name[:1].isupper():
+            if (
+                name not in _CALL_NAMES
+                and not name[:1].isupper()
+                and not self.imports.get(name, "").startswith("ctxrelay")
+            ):
                 return
         else:
             return

@@ -7,6 +7,7 @@ import gc
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
@@ -390,7 +391,9 @@ def _check(paths: Sequence[str], config: Config) -> CheckResult:
 def _parse(source: _Source, result: CheckResult) -> ast.Module | None:
     shown = source.path
     try:
-        return ast.parse(source.data, filename=shown)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the checked code's own SyntaxWarnings
+            return ast.parse(source.data, filename=shown)
     except SyntaxError as exc:
         line = exc.lineno or 1
         column = max(exc.offset or 1, 1)
