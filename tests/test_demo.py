@@ -1,9 +1,9 @@
-"""The demo: one request through seed 000's shop, without and with the relay.
+"""The demo: one request through the order-confirmation shop, without and with the relay.
 
 The real thing runs in a subprocess -- ``python -m ctxrelay.demo --json`` --
 embedded (Celery's in-memory broker, a worker thread) and on Redis (a worker
 process).  The tests check every hop of the relayed walk, and that the walk
-without the relay shows the seeds' bugs: 401s downstream, the canary tag
+without the relay loses the context: 401s downstream, the canary tag
 lost, log lines without the request id, an audit that cannot read the request.
 """
 
@@ -30,11 +30,11 @@ from ctxrelay.demo.hops import (
 )
 from ctxrelay.demo.report import Result, Walk, problems
 from ctxrelay.demo.shop import CANARY, USER
-from tests.brokers import ROOT, flush_redis, need_redis
+from tests.brokers import ROOT, flush_redis, need_rabbitmq, need_redis, redis_url
 
 #: Seconds a whole demo run may take (it takes a few).
 RUN_TIMEOUT = 100
-#: The Redis database of these tests (11-15 belong to the queue tests).
+#: The Redis database of these tests (see tests.brokers.REDIS_DATABASES).
 REDIS_DB = 9
 
 Document = dict[str, Any]
@@ -213,7 +213,7 @@ def test_walks_use_distinct_request_ids_and_neither_sees_the_others(embedded: Do
 @pytest.mark.broker
 def test_redis_demo_relays_through_a_separate_worker_process(on_redis: Document) -> None:
     assert on_redis["ok"] is True
-    assert on_redis["broker"] == f"redis://127.0.0.1:6379/{REDIS_DB}"
+    assert on_redis["broker"] == redis_url(REDIS_DB)
     assert "worker process" in on_redis["worker"]
     request_id = _walk(on_redis, True)["request_id"]
     mail = _hops(on_redis, True)[CELERY_HOP]
@@ -233,6 +233,63 @@ def test_redis_demo_unrelayed_task_reaches_the_worker_without_its_request(
     assert mail["pid"] != on_redis["pid"]
     assert (mail["request_id"], mail["user"], mail["canary"]) == (None, None, None)
     assert _walk(on_redis, False)["correct"] is False
+
+
+@pytest.mark.broker
+def test_amqp_demo_relays_through_rabbitmq_with_rpc_results() -> None:
+    # Celery 5 has no AMQP result backend: the demo must not use the broker URL as one.
+    url = need_rabbitmq()
+    document = _json_demo("--broker", url)
+    assert document["ok"] is True
+    assert document["broker"] == "amqp://guest:**@127.0.0.1:5672//"
+    mail = _hops(document, True)[CELERY_HOP]
+    assert mail["pid"] != document["pid"]
+    assert (mail["user"], mail["canary"], mail["cookie"]) == (USER, CANARY, False)
+
+
+def test_unsupported_broker_exits_2_with_one_line_before_anything_starts() -> None:
+    finished = _demo("--broker", "sqs://key:secret@queue.example/")
+    assert finished.returncode == 2
+    assert finished.stdout == ""
+    assert finished.stderr == (
+        "ctxrelay demo: unsupported broker sqs://key:**@queue.example/: "
+        "use redis://... or amqp://... (or no --broker)\n"
+    )
+
+
+#: ``ctxrelay demo`` in an interpreter where the demo's packages cannot be found
+#: (a ``None`` in ``sys.modules`` hides a module from imports and ``find_spec``).
+_WITHOUT = """
+import sys
+for name in sys.argv[1:]:
+    sys.modules[name] = None
+from ctxrelay.__main__ import main
+sys.exit(main(["demo"]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("hidden", "said"),
+    [
+        (["fastapi", "celery"], "fastapi, celery not installed"),
+        (["celery.contrib.testing.worker"], "cannot import celery.contrib.testing.worker"),
+    ],
+)
+def test_without_the_demo_packages_one_line_names_the_extra(hidden: list[str], said: str) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-c", _WITHOUT, *hidden],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+    assert finished.returncode == 2
+    assert finished.stdout == ""
+    lines = finished.stderr.splitlines()
+    assert len(lines) == 1, finished.stderr
+    assert lines[0].startswith(f"ctxrelay demo: {said}")
+    assert "install the 'demo' extra: pip install 'ctxrelay[demo]'" in lines[0]
 
 
 def test_unreachable_broker_exits_2_with_one_clear_line() -> None:
@@ -265,7 +322,7 @@ def test_text_report_through_the_ctxrelay_command_shows_both_walks() -> None:
     finished = _demo("demo", module="ctxrelay")
     assert finished.returncode == 0, finished.stdout + finished.stderr
     out = finished.stdout
-    assert out.startswith("ctxrelay demo: seed 000's order-confirmation page")
+    assert out.startswith("ctxrelay demo: the order-confirmation page, walked twice.")
     assert "OK: with ctxrelay every hop saw its request (exit status 0)." in out
     member_off = next(line for line in out.splitlines() if line.startswith(MEMBER_HOP))
     assert "LOST" in member_off

@@ -1,8 +1,8 @@
-"""The walk-through: seed 000's order-confirmation page, broken and then relayed.
+"""The walk-through: the order-confirmation story, broken and then relayed.
 
-``make demo``, ``python -m ctxrelay.demo`` or ``ctxrelay demo``; ``--json``
-for machines, ``--broker redis://127.0.0.1:6379/0`` for a real broker and a
-worker process.  See docs/demo.md.
+``ctxrelay demo``, ``python -m ctxrelay.demo`` or ``make demo``; ``--json``
+for machines, ``--broker redis://127.0.0.1:6379/0`` (or ``amqp://...``) for a
+real broker and a worker process.  See the demo's page in the documentation.
 
 On 127.0.0.1 it starts the member, cart and order services
 (:mod:`ctxrelay.demo.services`) and a Celery worker
@@ -10,154 +10,76 @@ On 127.0.0.1 it starts the member, cart and order services
 cookie, request id, canary tag -- with the relay off and on, and reports what
 every piece of work saw (:mod:`ctxrelay.demo.report`).  The exit status is 0
 only when the relayed walk is fully correct.
+
+The demo needs packages the core does not: the ``demo`` extra
+(``pip install 'ctxrelay[demo]'``).  This module imports none of them until
+the demo runs, so that without them :func:`main` can say so in one line.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import importlib.util
 import sys
-import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
-import ctxrelay
-from ctxrelay.integrations import celery as celery_relay
+if TYPE_CHECKING:
+    from .report import Result
 
-from .hops import Hop, logging_to_recorder
-from .report import INTRO, Result, Walk, as_json, as_text, problems
-from .services import WAIT, OrderService, browse, cart_app, member_app, serve
-from .shop import new_request_id, policy
-from .tasks import (
-    TASK,
-    BrokerUnreachable,
-    Worker,
-    embedded_worker,
-    make_app,
-    shown,
-    worker_process,
-)
+__all__ = ["EXTRA", "NEEDS", "main", "missing", "run", "running"]
 
-__all__ = ["main", "run", "running"]
+#: The extra that installs what the demo needs.
+EXTRA = "demo"
+
+#: The modules the demo imports beyond the core (the ``demo`` extra's packages).
+NEEDS = ("fastapi", "uvicorn", "httpx", "celery")
+
+
+def missing() -> list[str]:
+    """The modules of :data:`NEEDS` that cannot be found."""
+    return [name for name in NEEDS if importlib.util.find_spec(name) is None]
+
+
+def _needs_line(what: str) -> str:
+    return (
+        f"ctxrelay demo: {what}; install the '{EXTRA}' extra: "
+        f"pip install 'ctxrelay[{EXTRA}]' (from a checkout: pip install '.[{EXTRA}]')"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo and print the report; 0 only if the relayed walk is fully
-    correct, 1 if it is not, 2 if ``--broker`` cannot be reached.
+    correct, 1 if it is not, 2 if it cannot run: the demo's packages are not
+    installed, or ``--broker`` is not supported or cannot be reached (one line
+    on stderr each time).
 
     ``argv`` defaults to ``sys.argv[1:]``: call ``main([])`` from Python."""
-    args = _arguments(sys.argv[1:] if argv is None else argv)
-    if not args.json:
-        print(INTRO, flush=True)  # something to read while the services start
-    try:
-        with running(broker=args.broker) as result:
-            # Printed before the teardown: stopping the embedded worker takes seconds.
-            print(as_json(result) if args.json else as_text(result), flush=True)
-    except BrokerUnreachable as exc:
-        print(f"ctxrelay demo: {exc}", file=sys.stderr)
+    absent = missing()
+    if absent:
+        print(_needs_line(f"{', '.join(absent)} not installed"), file=sys.stderr)
         return 2
-    return 0 if result.ok else 1
-
-
-def _arguments(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m ctxrelay.demo",
-        description="Seed 000's order page, walked without and with the relay.",
-    )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument(
-        "--broker",
-        metavar="URL",
-        help="a real Celery broker (redis://127.0.0.1:6379/9) served by a worker process; "
-        "default: Celery's in-memory broker and a worker thread in this process",
-    )
-    return parser.parse_args(argv)
+    try:
+        from .walk import main as walk
+    except ImportError as exc:
+        if (exc.name or "ctxrelay").partition(".")[0] == "ctxrelay":
+            raise  # ctxrelay's own bug, not a missing package: show it whole
+        # A package of the extra installed, but broken or too old.
+        print(_needs_line(f"cannot import {exc.name} ({exc})"), file=sys.stderr)
+        return 2
+    return walk(sys.argv[1:] if argv is None else argv)
 
 
 def run(broker: str | None = None) -> Result:
-    """Start everything, walk the request without and with the relay, stop everything."""
-    with running(broker) as result:
-        return result
+    """Start everything, walk the request without and with the relay, stop
+    everything; return the result without printing it."""
+    from .walk import run as walk
+
+    return walk(broker)
 
 
-@contextmanager
-def running(broker: str | None = None) -> Iterator[Result]:
+def running(broker: str | None = None) -> AbstractContextManager[Result]:
     """Start everything, walk the request without and with the relay, yield the
     result; everything is stopped when the block ends."""
-    queue = f"ctxrelay-demo-{uuid.uuid4().hex[:8]}"
-    app = make_app(broker, queue)
-    previous = ctxrelay.configure(policy())
-    try:
-        with (
-            logging_to_recorder(),
-            _worker(app, broker, queue) as worker,
-            serve(member_app(), "member") as member,
-            serve(cart_app(), "cart") as cart,
-        ):
-            walks = tuple(_walk(relay, member, cart, app, worker) for relay in (False, True))
-            yield Result(os.getpid(), shown(app), worker.description, walks)
-    finally:
-        ctxrelay.configure(previous)
+    from .walk import running as walk
 
-
-def _worker(app: Any, broker: str | None, queue: str) -> Any:
-    return embedded_worker(app) if broker is None else worker_process(app, queue)
-
-
-@contextmanager
-def _celery_relay(app: Any, relay: bool) -> Iterator[None]:
-    """The Celery switch.  With the embedded worker, the signals it connects
-    serve the worker thread too; a worker process has its own (always on)."""
-    if not relay:
-        yield
-        return
-    celery_relay.install(app)
-    try:
-        yield
-    finally:
-        celery_relay.uninstall(app)
-
-
-def _walk(relay: bool, member: str, cart: str, app: Any, worker: Worker) -> Walk:
-    """One request through the shop: the browser's call, then every hop's report."""
-    request_id = new_request_id()
-    service = OrderService(relay=relay, member=member, cart=cart, confirmation=app.tasks[TASK])
-    started = time.monotonic()
-    try:
-        with _celery_relay(app, relay), serve(service.app(), "order") as order:
-            response = browse(order, request_id)
-            service.response_sent.set()  # seed 002: the audit thread reads after this
-            hops = service.hops()
-            mail = _mail_hop(service.published, worker)
-    finally:
-        service.close()
-    if mail is not None:
-        hops[mail.name] = mail
-    status, echoed = response.status_code, response.headers.get("x-request-id")
-    return Walk(
-        relay=relay,
-        request_id=request_id,
-        status=status,
-        echoed_request_id=echoed,
-        hops=hops,
-        seconds=time.monotonic() - started,
-        problems=problems(request_id, status, echoed, hops),
-    )
-
-
-def _mail_hop(published: Any, worker: Worker) -> Hop | None:
-    """The hop the Celery task reported through the result backend."""
-    if published is None:
-        return None
-    try:
-        reported = published.get(timeout=WAIT, interval=0.02)
-        published.forget()  # a real result backend keeps it otherwise
-        return Hop.from_dict(reported)
-    except Exception as exc:  # the report says "never reported"; say why here
-        print(f"ctxrelay demo: the Celery task did not report: {exc!r}", file=sys.stderr)
-        output = worker.output()
-        if output:
-            print(f"worker output:\n{output[-4000:]}", file=sys.stderr)
-        return None
+    return walk(broker)

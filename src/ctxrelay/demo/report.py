@@ -155,15 +155,15 @@ _COLUMNS = (
 _MORE = (("cookie", 9), ("canary", 7), ("result", 0))
 
 INTRO = """\
-ctxrelay demo: seed 000's order-confirmation page, walked twice.
+ctxrelay demo: the order-confirmation page, walked twice.
 
 The browser sends one request: GET /order/confirm with its session cookie,
 a request id and the canary tag x-gray: canary.  The order service (FastAPI)
 asks the member service who is logged in, on the request thread; fans out to
 member (addresses) and cart (items) on a thread pool and waits for both;
-starts an audit thread that reads the request after the response (seed 002);
-publishes a Celery task that mails the confirmation (seeds 003/004).  Member
-and cart answer 401 without the cookie; cart has a canary assortment.
+starts an audit thread that reads the request after the response; publishes
+a Celery task that mails the confirmation.  Member and cart answer 401
+without the cookie; cart has a canary assortment.
 
 Both walks: ctxrelay's RelayMiddleware at the door, its httpx hook on the
 outgoing calls, its ContextFilter on the log handler -- the request thread
@@ -241,7 +241,7 @@ def _hop_lines(name: str, walks: Sequence[Walk], pid: int) -> list[str]:
 def _verdict(walk: Walk) -> list[str]:
     if walk.correct:
         return [f"relay on: every hop saw the whole request ({walk.seconds:.1f} s)."]
-    title = "relay on" if walk.relay else "relay off -- the seeds' bugs"
+    title = "relay on" if walk.relay else "relay off -- the context lost"
     lines = [f"{title}: {len(walk.problems)} problems ({walk.seconds:.1f} s):"]
     grouped: dict[str, list[str]] = {}
     for hop, what in walk.problems:

@@ -1,26 +1,26 @@
-"""The three services of seed 000, served by uvicorn on 127.0.0.1.
+"""The three services of the order-confirmation story, served by uvicorn on 127.0.0.1.
 
 * **member** (``/member/me``, ``/member/addresses``) and **cart**
   (``/cart/items``) stand for other teams' services: they know nothing of
   ctxrelay, read the raw headers, answer 401 without the user's session
   cookie, and report what arrived on the wire: whether the cookie came, the
   canary tag and the ``x-request-id``.  The cart answers with its
-  canary assortment when the request carries ``x-gray: canary`` (seed 004).
+  canary assortment when the request carries ``x-gray: canary``.
 * **order** (FastAPI behind ctxrelay's ``RelayMiddleware``): ``GET
-  /order/confirm`` is seed 000's ``confirmOrder``.  On the request thread it
+  /order/confirm`` builds the confirmation page.  On the request thread it
   asks member who is logged in; then it fans out to member (addresses) and
   cart (items) on a thread pool and waits for both; it starts an audit thread
-  that reads the request after the response is sent (seed 002); it publishes
-  a Celery task that mails the confirmation (seeds 003/004).  It logs through
+  that reads the request after the response is sent; it publishes a Celery
+  task that mails the confirmation.  It logs through
   stdlib ``logging``.
 
 :class:`OrderService` is the same code in both walks.  ``relay`` switches
-only what the seeds lacked: the pool and the thread class (plain
+only what is missing without ctxrelay: the pool and the thread class (plain
 ``concurrent.futures`` / ``threading``, or ctxrelay's drop-ins); the Celery
 switch is ``ctxrelay.integrations.celery.install`` (see the package).  In
 both walks the request enters through ``RelayMiddleware`` and outgoing calls
 carry the current context's headers (ctxrelay's httpx hook), as Spring's
-``RequestContextHolder`` and Feign interceptor did in the seeds: the request
+``RequestContextHolder`` and a Feign interceptor do in Spring: the request
 thread has the context either way.  Whether it follows the work is the
 difference.
 """
@@ -57,7 +57,7 @@ from .hops import (
 )
 from .shop import CANARY, ORDER_ID, SESSIONS, browser_headers
 
-__all__ = ["OrderService", "browse", "cart_app", "member_app", "serve"]
+__all__ = ["WAIT", "OrderService", "browse", "cart_app", "member_app", "serve"]
 
 #: Seconds: the bound on every wait of the demo.
 WAIT = 30.0
@@ -122,7 +122,7 @@ def cart_app() -> FastAPI:
     return api
 
 
-# -- order: seed 000's confirmOrder -----------------------------------------
+# -- order: the confirmation page --------------------------------------------
 
 
 def _summary(status: int, body: dict[str, Any]) -> str:
@@ -203,7 +203,7 @@ class OrderService:
             return 0, {"error": f"{type(exc).__name__}: {exc}"}
 
     def _fetch(self, hop: str, url: str) -> list[str]:
-        """A remote call made from a pool thread: seed 000's Feign calls."""
+        """A remote call made from a pool thread (a Feign call in the Spring original)."""
         status, body = self._get(url)
         message = f"{hop} answered {status}"
         self._record_call(hop, HTTP, status, body, message=message, result=_summary(status, body))
@@ -211,10 +211,10 @@ class OrderService:
         return [str(item) for item in found]
 
     def _audit(self) -> None:
-        """Seed 002: work that reads the request after the response is sent."""
+        """Work that reads the request after the response is sent."""
         try:
-            # By now the server has finished with the request (seed 002: Tomcat
-            # recycles it).  ctxrelay.request() is a snapshot, a value: it stays.
+            # By now the server has finished with the request (a servlet
+            # container recycles it).  ctxrelay.request() is a snapshot, a value: it stays.
             self.response_sent.wait(WAIT)
             after = self.response_sent.is_set()
             request = ctxrelay.request()

@@ -1,4 +1,4 @@
-"""The shop of seed 000: who is logged in, what the browser sends, what may travel.
+"""The shop of the story: who is logged in, what the browser sends, what may travel.
 
 Every service of the demo (and the Celery worker process, when there is one)
 reads these, so both ends of every hop agree on what "correct" means.

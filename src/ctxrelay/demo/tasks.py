@@ -1,4 +1,4 @@
-"""Seed 003/004's asynchronous work: a Celery task that mails the confirmation.
+"""The asynchronous work of the story: a Celery task that mails the confirmation.
 
 The task runs in a Celery worker, far from the request: all it knows of the
 request is what its message carried.  With ctxrelay's Celery integration
@@ -12,8 +12,12 @@ Two workers are offered:
   in-memory broker and result backend, and a worker thread in this process
   (``celery.contrib.testing.worker.start_worker``).  Messages still go
   through the broker, encoded and decoded like any other.
-* :func:`worker_process` -- for ``--broker redis://...``: a real broker and a
-  separate worker process (``python -m ctxrelay.demo.worker``).
+* :func:`worker_process` -- for ``--broker redis://...`` or ``amqp://...``:
+  a real broker and a separate worker process (``python -m
+  ctxrelay.demo.worker``).  Results come back through Redis itself, or,
+  on RabbitMQ, through Celery's RPC backend (reply messages on the same
+  broker): Celery 5 has no AMQP result backend, so the broker URL cannot be
+  the backend there.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ from .shop import CANARY
 __all__ = [
     "TASK",
     "BrokerUnreachable",
+    "UnsupportedBroker",
     "Worker",
+    "backend_for",
     "embedded_worker",
     "make_app",
     "send_confirmation",
@@ -82,12 +88,39 @@ def send_confirmation(order_id: str) -> dict[str, Any]:
     return hop.to_dict()
 
 
+class UnsupportedBroker(Exception):
+    """The ``--broker`` given is neither Redis nor AMQP: said at once."""
+
+
+#: Broker URL schemes the demo knows a result backend for.
+_REDIS = ("redis", "rediss")
+_AMQP = ("amqp", "amqps", "pyamqp")
+
+
+def backend_for(broker: str | None) -> str:
+    """Where the task's result goes back: memory, the Redis broker itself, or
+    RPC reply messages on an AMQP broker (Celery 5 has no AMQP result backend).
+
+    Raises :class:`UnsupportedBroker` for any other broker."""
+    if broker is None:
+        return "cache+memory://"
+    scheme = broker.partition("://")[0].lower()
+    if scheme in _REDIS:
+        return broker
+    if scheme in _AMQP:
+        return "rpc://"
+    shown_url = str(maybe_sanitize_url(broker))
+    raise UnsupportedBroker(
+        f"unsupported broker {shown_url}: use redis://... or amqp://... (or no --broker)"
+    )
+
+
 def make_app(broker: str | None, queue: str) -> Celery:
     """The shop's Celery app on ``broker`` (``None``: in memory), publishing to ``queue``."""
     app = Celery(
         "ctxrelay-demo",
         broker=broker or "memory://localhost/",
-        backend=broker or "cache+memory://",
+        backend=backend_for(broker),
         set_as_current=False,
     )
     app.conf.update(
