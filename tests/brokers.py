@@ -1,10 +1,25 @@
 """The real brokers the queue tests talk to, and worker processes to run on them.
 
 Redis on 127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 (``make test`` starts
-them with ``scripts/ensure-services``).  When one cannot be reached, a test
-that needs it fails under ``CI=true`` and is skipped elsewhere, with one line
-saying how to start it.  Workers are separate processes in their own process
-group, always torn down: SIGTERM, then SIGKILL after a bounded wait.
+them with ``scripts/ensure-services`` and leaves them running).  When one
+cannot be reached, a test that needs it fails under ``CI=true`` and is skipped
+elsewhere, with one line saying how to start it.  ``CTXRELAY_TEST_REDIS=host:port``
+points the suite at another Redis (``make test-matrix`` starts a private one).
+
+What the suite may write to Redis (the README lists it too):
+
+* only the databases of :data:`REDIS_DATABASES`, 9 to 15 -- never 0 to 8;
+* a test module claims its database with :func:`need_redis`, which writes the
+  key :data:`OWNER_KEY` (this process's id) into it.  A database that holds
+  keys without that mark is someone else's, and one that another live test
+  run has claimed is in use: either way the test skips (fails under CI) and
+  touches nothing.  A mark left by a run that has ended is that run's
+  leftover: the database is emptied and claimed again;
+* :func:`flush_redis` empties the database only if this process claimed it,
+  so it removes only what the suite created.
+
+Workers are separate processes in their own process group, always torn down:
+SIGTERM, then SIGKILL after a bounded wait.
 """
 
 from __future__ import annotations
@@ -17,67 +32,134 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import redis
 
 __all__ = [
+    "OWNER_KEY",
     "RABBITMQ_URL",
+    "REDIS_DATABASES",
     "WorkerProcess",
+    "flush_redis",
     "need_rabbitmq",
     "need_redis",
     "need_redis_server",
+    "redis_url",
     "wait_until",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
+_REDIS_HOST, _, _port = os.environ.get("CTXRELAY_TEST_REDIS", "127.0.0.1:6379").rpartition(":")
+REDIS_PORT = int(_port)
+
+#: The Redis databases the suite may use, and who uses each.
+REDIS_DATABASES = {
+    9: "tests/test_demo.py",
+    10: "tests/integrations/test_celery_revoke.py",
+    11: "tests/integrations/test_celery.py",
+    12: "tests/integrations/test_rq.py",
+    13: "tests/integrations/test_dramatiq.py",
+    14: "tests/integrations/test_logging_end_to_end.py",
+    15: "tests/test_docs.py",
+}
+
+#: The key that marks a database as claimed by a test run; its value is the pid.
+OWNER_KEY = "ctxrelay-tests:owner"
+
 _HOW = {
-    6379: "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save ''",
-    5672: "rabbitmq-server -detached",
+    "Redis": f"redis-server --daemonize yes --bind 127.0.0.1 --port {REDIS_PORT} --save ''",
+    "RabbitMQ": "rabbitmq-server -detached",
 }
 
 
-def _reachable(port: int) -> bool:
+def _reachable(host: str, port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+        with socket.create_connection((host, port), timeout=1.0):
             return True
     except OSError:
         return False
 
 
-def _need(name: str, port: int) -> None:
-    if _reachable(port):
-        return
-    message = f"{name} is not running on 127.0.0.1:{port}; start it with: {_HOW[port]}"
+def _unavailable(message: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
 
 
+def _need(name: str, host: str, port: int) -> None:
+    if not _reachable(host, port):
+        _unavailable(f"{name} is not running on {host}:{port}; start it with: {_HOW[name]}")
+
+
 def need_redis_server() -> None:
     """Skip (or fail on CI) if Redis is down; for tests that touch no database
     (pub/sub channels are server-wide, not per database)."""
-    _need("Redis", 6379)
+    _need("Redis", _REDIS_HOST, REDIS_PORT)
+
+
+def redis_url(db: int) -> str:
+    """The URL of the suite's Redis database ``db`` (one of :data:`REDIS_DATABASES`)."""
+    if db not in REDIS_DATABASES:
+        raise ValueError(f"Redis database {db} is not one the suite documents: {REDIS_DATABASES}")
+    return f"redis://{_REDIS_HOST}:{REDIS_PORT}/{db}"
+
+
+def _client(db: int) -> redis.Redis:
+    return redis.Redis(host=_REDIS_HOST, port=REDIS_PORT, db=db)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def need_redis(db: int) -> str:
-    """The URL of Redis database ``db``, emptied; skip (or fail on CI) if down."""
-    _need("Redis", 6379)
-    redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
-    return f"redis://127.0.0.1:6379/{db}"
+    """Claim Redis database ``db`` for this run and return its URL, or skip
+    (fail on CI) if Redis is down or the database is not the suite's to use."""
+    url = redis_url(db)
+    _need("Redis", _REDIS_HOST, REDIS_PORT)
+    client = _client(db)
+    mark = client.get(OWNER_KEY)
+    where = f"Redis database {db} on {_REDIS_HOST}:{REDIS_PORT}"
+    if mark is None:
+        if client.dbsize() > 0:
+            _unavailable(
+                f"{where} holds {client.dbsize()} keys that ctxrelay's tests did not create "
+                f"(no {OWNER_KEY!r} key); the tests leave them alone: empty it "
+                f"(redis-cli -n {db} flushdb) if they are yours to lose"
+            )
+    else:
+        pid = int(mark) if mark.isdigit() else 0
+        if pid != os.getpid():
+            if pid and _alive(pid):
+                _unavailable(f"{where} is in use by another ctxrelay test run (pid {pid})")
+            client.flushdb()  # a finished run's leftovers: everything here is the suite's
+    client.set(OWNER_KEY, str(os.getpid()))
+    return url
 
 
 def flush_redis(db: int) -> None:
-    """Remove what a test module created in its Redis database."""
-    if _reachable(6379):
-        redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
+    """Empty Redis database ``db`` if this process claimed it: everything in it
+    was created by the suite (see :func:`need_redis`)."""
+    if not _reachable(_REDIS_HOST, REDIS_PORT):
+        return
+    client = _client(db)
+    if client.get(OWNER_KEY) == str(os.getpid()).encode():
+        client.flushdb()
 
 
 def need_rabbitmq() -> str:
     """The RabbitMQ URL; skip (or fail on CI) if it is down."""
-    _need("RabbitMQ", 5672)
+    _need("RabbitMQ", "127.0.0.1", 5672)
     return RABBITMQ_URL
 
 

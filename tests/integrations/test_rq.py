@@ -20,7 +20,7 @@ from rq.job import Job, JobStatus
 
 import ctxrelay
 from ctxrelay._signing import KEY, SIGNATURE, WORKER_FIELDS, Signer, capture
-from tests.brokers import WorkerProcess, flush_redis, need_redis, wait_until
+from tests.brokers import WorkerProcess, flush_redis, need_redis, redis_url, wait_until
 from tests.integrations import rq_jobs
 from tests.integrations.rq_jobs import SECRET, SignedJob
 
@@ -56,7 +56,7 @@ def connection() -> Iterator[redis.Redis]:
 
 def _worker(tmp: Path, conn: redis.Redis, kind: str) -> Iterator[RQWorker]:
     name = f"ctxrelay-rq-{kind}-{RUN}"
-    args = ["rq.cli", "worker", name, "--url", f"redis://127.0.0.1:6379/{DB}", "-n", name]
+    args = ["rq.cli", "worker", name, "--url", redis_url(DB), "-n", name]
     args += ["--worker-class", f"ctxrelay.integrations.rq.{kind}", "--with-scheduler"]
     args += ["--job-class", "tests.integrations.rq_jobs.SignedJob"]
     process = WorkerProcess(args, tmp / f"{kind}.log", {}).start()
