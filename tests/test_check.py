@@ -809,3 +809,18 @@ def test_pre_commit_hook_definition() -> None:
     assert "- id: ctxrelay-check" in text
     assert "entry: ctxrelay check" in text
     assert "types: [python]" in text
+
+
+def test_the_python_3_10_toml_reader_agrees_with_tomllib(tmp_path: Path) -> None:
+    import tomllib
+
+    from ctxrelay.check._run import _mini_toml
+
+    text = (
+        '[project]\nname = "x"\n\n[tool.ctxrelay]  # ours\n'
+        'select = [\n  "CTX1",  # in-process\n  "CTX2",\n]\n'
+        "ignore = ['CTX104']\nexclude = [\"untrue#not-a-comment\"]\n"
+        "assume-instrument = true\n\n[tool.other]\nselect = 1\n"
+    )
+    ours = _mini_toml(text, tmp_path / "pyproject.toml")["tool"]["ctxrelay"]
+    assert ours == tomllib.loads(text)["tool"]["ctxrelay"]

@@ -108,13 +108,43 @@ def _parse_toml(text: str, path: Path) -> dict[str, Any]:
     return _mini_toml(text, path)  # pragma: no cover - Python 3.10 only
 
 
+def _unquoted(text: str) -> str:
+    """TOML -> Python literal: drop a comment and spell true/false, outside strings."""
+    out: list[str] = []
+    quote = ""
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if quote:
+            out.append(char)
+            if char == "\\" and quote == '"' and i + 1 < len(text):
+                out.append(text[i + 1])
+                i += 1
+            elif char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+            out.append(char)
+        elif char == "#":
+            break
+        elif text.startswith("true", i) or text.startswith("false", i):
+            word = "true" if text.startswith("true", i) else "false"
+            out.append(word.capitalize())
+            i += len(word)
+            continue
+        else:
+            out.append(char)
+        i += 1
+    return "".join(out).strip()
+
+
 def _mini_toml(text: str, path: Path) -> dict[str, Any]:  # pragma: no cover - 3.10
     """Just enough TOML for [tool.ctxrelay] on Python 3.10 (no tomllib there)."""
     section: dict[str, Any] | None = None
     result: dict[str, Any] = {}
     pending = ""
     for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip() if '"' not in raw else raw.strip()
+        line = _unquoted(raw)
         if pending:
             pending += " " + line
             if pending.count("[") > pending.count("]"):
@@ -122,12 +152,9 @@ def _mini_toml(text: str, path: Path) -> dict[str, Any]:  # pragma: no cover - 3
             line, pending = pending, ""
         if not line:
             continue
-        if line.startswith("["):
-            section = (
-                result.setdefault("tool", {}).setdefault("ctxrelay", {})
-                if (line.replace(" ", "") == "[tool.ctxrelay]")
-                else None
-            )
+        if line.startswith("[") and "=" not in line:
+            in_ours = line.replace(" ", "") == "[tool.ctxrelay]"
+            section = result.setdefault("tool", {}).setdefault("ctxrelay", {}) if in_ours else None
             continue
         if section is None or "=" not in line:
             continue
@@ -136,9 +163,7 @@ def _mini_toml(text: str, path: Path) -> dict[str, Any]:  # pragma: no cover - 3
             pending = f"{key} = {value}"
             continue
         try:
-            section[key.strip('"')] = ast.literal_eval(
-                value.replace("true", "True").replace("false", "False")
-            )
+            section[key.strip('"')] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             raise ConfigError(f"{path}: cannot read {key} = {value}") from None
     return result
