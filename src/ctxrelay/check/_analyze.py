@@ -16,7 +16,7 @@ import ast
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["Finding", "ModuleFacts", "Project"]
+__all__ = ["Finding", "ModuleFacts", "Pending", "Project"]
 
 # What an expression is, as far as the checker can see.
 TPE = "thread pool"
@@ -169,7 +169,7 @@ class Finding:
 
 
 @dataclass
-class _Pending:
+class Pending:
     """A finding before project-wide facts (instrument(), installs) decide on it."""
 
     code: str
@@ -889,13 +889,13 @@ class Project:
 
     # -- judging the hand-offs ----------------------------------------------------------
 
-    def pending(self, module: ModuleFacts) -> Iterator[_Pending]:
+    def pending(self, module: ModuleFacts) -> Iterator[Pending]:
         for call in module.calls:
             if call.detached:
                 continue
             yield from self._judge(module, call)
 
-    def _judge(self, module: ModuleFacts, call: _Call) -> Iterator[_Pending]:
+    def _judge(self, module: ModuleFacts, call: _Call) -> Iterator[Pending]:
         node = call.node
         func = node.func
         qualified = module.qualify(func)
@@ -910,7 +910,7 @@ class Project:
                     yield from self._handoff(module, call, "CTX101", receiver, attr)
                     return
                 if receiver == PPE and attr in ("submit", "map"):
-                    yield _Pending(
+                    yield Pending(
                         "CTX104",
                         node,
                         f"ProcessPoolExecutor.{attr}() runs the task in another process without "
@@ -919,7 +919,7 @@ class Project:
                     )
                     return
                 if receiver == MPPOOL and attr in _MP_METHODS:
-                    yield _Pending(
+                    yield Pending(
                         "CTX104",
                         node,
                         f"multiprocessing pool .{attr}() runs the task in a worker without the "
@@ -937,7 +937,7 @@ class Project:
             yield from self._thread(module, call, qualified)
             return
         if qualified in _CELERY_APPS:
-            yield _Pending(
+            yield Pending(
                 "CTX201",
                 node,
                 "Celery app never given to ctxrelay: tasks run without the publisher's "
@@ -945,7 +945,7 @@ class Project:
                 needs="celery",
             )
         elif qualified in _RQ_QUEUES:
-            yield _Pending(
+            yield Pending(
                 "CTX202",
                 node,
                 "RQ queue without ctxrelay's RelayJob/RelayWorker: jobs run without the "
@@ -953,7 +953,7 @@ class Project:
                 needs="rq",
             )
         elif qualified.startswith("dramatiq.brokers.") and qualified.endswith("Broker"):
-            yield _Pending(
+            yield Pending(
                 "CTX203",
                 node,
                 "Dramatiq broker never given to ctxrelay: actors run without the sender's "
@@ -961,21 +961,21 @@ class Project:
                 needs="dramatiq",
             )
         elif qualified in _REQUESTS_CALLS:
-            yield _Pending(
+            yield Pending(
                 "CTX301",
                 node,
                 f"{qualified}() sends without ctxrelay (a plain session per call): use a "
                 "ctxrelay.integrations.requests.Session",
             )
         elif qualified in _REQUESTS_SESSIONS and not self._installed(module, call):
-            yield _Pending(
+            yield Pending(
                 "CTX301",
                 node,
                 "requests session never given to ctxrelay: use "
                 "ctxrelay.integrations.requests.Session() or install(session)",
             )
         elif qualified in _HTTPX_CALLS:
-            yield _Pending(
+            yield Pending(
                 "CTX302",
                 node,
                 f"{qualified}() sends without ctxrelay's request hook: use a client given to "
@@ -985,14 +985,14 @@ class Project:
             if not self._keyword_relays(
                 module, node, "event_hooks", ("request_hook", "async_request_hook")
             ):
-                yield _Pending(
+                yield Pending(
                     "CTX302",
                     node,
                     f"{qualified.rpartition('.')[2]} never given to ctxrelay: wrap it in "
                     "ctxrelay.integrations.httpx.install(...) or add its request_hook",
                 )
         elif qualified in _AIOHTTP_CALLS:
-            yield _Pending(
+            yield Pending(
                 "CTX303",
                 node,
                 "aiohttp.request() sends without ctxrelay's trace config: use a ClientSession "
@@ -1001,7 +1001,7 @@ class Project:
         elif qualified in _AIOHTTP_SESSIONS and not self._keyword_relays(
             module, node, "trace_configs", ("trace_config",)
         ):
-            yield _Pending(
+            yield Pending(
                 "CTX303",
                 node,
                 "aiohttp ClientSession without ctxrelay's trace config: pass "
@@ -1010,7 +1010,7 @@ class Project:
 
     def _handoff(
         self, module: ModuleFacts, call: _Call, code: str, receiver: str, attr: str
-    ) -> Iterator[_Pending]:
+    ) -> Iterator[Pending]:
         node = call.node
         fn = node.args[0] if node.args else _keyword(node, "fn")
         if fn is None:
@@ -1022,7 +1022,7 @@ class Project:
         if state == "relayed":
             return
         if state == "inner":
-            yield _Pending(
+            yield Pending(
                 "CTX105",
                 where,
                 f"copy_context() runs inside the callable handed to {what}.{attr}() (line "
@@ -1031,14 +1031,14 @@ class Project:
                 covered=True,
             )
         elif state == "shared":
-            yield _Pending(
+            yield Pending(
                 "CTX106",
                 where,
                 f"one copied Context handed to every task of this loop ({what}.{attr}()): "
                 "tasks running at once raise RuntimeError; copy per task",
             )
         else:
-            yield _Pending(
+            yield Pending(
                 code,
                 node,
                 f"{what}.{attr}() runs the callable without the caller's context; use "
@@ -1047,7 +1047,7 @@ class Project:
                 covered=True,
             )
 
-    def _run_in_executor(self, module: ModuleFacts, call: _Call) -> Iterator[_Pending]:
+    def _run_in_executor(self, module: ModuleFacts, call: _Call) -> Iterator[Pending]:
         node = call.node
         if len(node.args) < 2:
             return
@@ -1068,7 +1068,7 @@ class Project:
         if state == "relayed":
             return
         if state == "inner":
-            yield _Pending(
+            yield Pending(
                 "CTX105",
                 at,
                 f"copy_context() runs inside the callable handed to run_in_executor() (line "
@@ -1076,14 +1076,14 @@ class Project:
                 covered=True,
             )
         elif state == "shared":
-            yield _Pending(
+            yield Pending(
                 "CTX106",
                 at,
                 "one copied Context handed to every run_in_executor() of this loop: tasks "
                 "running at once raise RuntimeError; copy per task",
             )
         else:
-            yield _Pending(
+            yield Pending(
                 "CTX103",
                 node,
                 f"run_in_executor() on {where} runs the callable without the caller's "
@@ -1091,7 +1091,7 @@ class Project:
                 covered=True,
             )
 
-    def _thread(self, module: ModuleFacts, call: _Call, qualified: str) -> Iterator[_Pending]:
+    def _thread(self, module: ModuleFacts, call: _Call, qualified: str) -> Iterator[Pending]:
         node = call.node
         short = qualified.rpartition(".")[2]
         if qualified in _THREADS:
@@ -1108,7 +1108,7 @@ class Project:
             if state == "relayed":
                 return
             if state == "inner":
-                yield _Pending(
+                yield Pending(
                     "CTX105",
                     where,
                     f"copy_context() runs inside the thread's target (line {node.lineno}): it "
@@ -1117,14 +1117,14 @@ class Project:
                 )
                 return
             if state == "shared":
-                yield _Pending(
+                yield Pending(
                     "CTX106",
                     where,
                     "one copied Context handed to every thread of this loop: threads running "
                     "at once raise RuntimeError; copy per thread",
                 )
                 return
-        yield _Pending(
+        yield Pending(
             "CTX102",
             node,
             f"{short} runs without the caller's context; use ctxrelay.Thread/Timer or "

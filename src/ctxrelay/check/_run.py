@@ -14,10 +14,18 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from ._analyze import Finding, ModuleFacts, Project, _Pending
+from ._analyze import Finding, ModuleFacts, Pending, Project
 from ._rules import INSTRUMENT_COVERS, RULES
 
-__all__ = ["CheckResult", "Config", "ConfigError", "check_paths", "find_config", "load_config"]
+__all__ = [
+    "CheckResult",
+    "Config",
+    "ConfigError",
+    "check_paths",
+    "find_config",
+    "load_config",
+    "validate_codes",
+]
 
 DEFAULT_EXCLUDE = (
     ".git",
@@ -317,7 +325,7 @@ class _Source:
         return False
 
 
-def _finding(source: _Source, pending: _Pending) -> Finding:
+def _finding(source: _Source, pending: Pending) -> Finding:
     node = pending.node
     line = getattr(node, "lineno", 1)
     end_line = getattr(node, "end_lineno", None) or line
