@@ -6,8 +6,12 @@ never imported from here.
 
 from __future__ import annotations
 
+import contextlib as _contextlib
+
 from ._context import Context, bind, current, detached, get, request, request_id, use
+from ._inbound import extract
 from ._instrument import instrument, instrumented, uninstrument
+from ._outbound import inject
 from ._policy import Policy, configure
 from ._policy import active as active_policy
 from ._relay import (
@@ -20,7 +24,6 @@ from ._relay import (
     wrap,
 )
 from ._request import Headers, RequestSnapshot
-from ._wire import extract, inject
 
 __all__ = [
     "Context",
@@ -51,3 +54,13 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Public objects show their public path (``ctxrelay.Context``, not
+# ``ctxrelay._context.Context``) in reprs, docs and tracebacks, as httpx's do.
+# Pickles keep working: every name here resolves from ``ctxrelay``.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "ctxrelay").startswith("ctxrelay._"):
+        with _contextlib.suppress(AttributeError, TypeError):  # a builtin keeps its own
+            _obj.__module__ = "ctxrelay"
+del _name, _obj

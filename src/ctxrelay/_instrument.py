@@ -23,15 +23,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._context import DETACHED, current
+from ._cpython import STDLIB_SUBMIT
 from ._lifetime import configure_owners, owners, started_by_library
 from ._relay import (
-    STDLIB_SUBMIT,
-    _make_stdlib_submit,
-    _unprepare,
     fork_clean,
+    new_relaying_submit,
     prepare_start,
     relay_callbacks,
     relayed_task,
+    unprepare,
     wrap,
 )
 
@@ -59,7 +59,7 @@ def _patched_start(previous: Callable[[threading.Thread], None]) -> Callable[...
             _call(previous, self)
         except BaseException:
             if prepared:
-                _unprepare(self)
+                unprepare(self)
             raise
 
     return start
@@ -67,7 +67,7 @@ def _patched_start(previous: Callable[[threading.Thread], None]) -> Callable[...
 
 def _patched_submit(previous: Callable[..., Any]) -> Callable[..., Any]:
     if previous is STDLIB_SUBMIT:
-        fast = _make_stdlib_submit()  # a fresh function object: ours to decorate
+        fast = new_relaying_submit()  # a fresh function object: ours to decorate
         if fast is not None:
             return fast
 
@@ -214,7 +214,7 @@ def instrument(
         targets += [(pool, name, _patched_pool_method) for name in _POOL_METHODS]
         for owner, name, make in targets:
             previous = owner.__dict__.get(name)
-            if previous is None:  # pragma: no cover - a Python without it
+            if previous is None:  # a Python without it
                 _log.debug("ctxrelay: %s.%s not found; not patched", owner.__qualname__, name)
                 continue
             patch = make(previous)

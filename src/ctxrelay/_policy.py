@@ -16,7 +16,18 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-__all__ = ["Policy", "Route", "active", "configure", "peer_of_client", "STATE"]
+__all__ = [
+    "MASK",
+    "PROXY_CREDENTIALS",
+    "STATE",
+    "Origin",
+    "Policy",
+    "Route",
+    "active",
+    "configure",
+    "host_matches",
+    "peer_of_client",
+]
 
 #: Header and field names whose values are credentials.  They are masked in
 #: every ``repr`` and never leave the process unless a destination names them.

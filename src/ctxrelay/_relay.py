@@ -29,7 +29,6 @@ import contextlib
 import contextvars
 import functools
 import importlib
-import inspect
 import logging
 import sys
 import threading
@@ -39,6 +38,13 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from ._context import DETACHED, Context, current, enter
+from ._cpython import (
+    STDLIB_SUBMIT,
+    THREAD_TAKES_CONTEXT,
+    THREADS_INHERIT_CONTEXT,
+    make_relaying_submit,
+    swap_done_callbacks,
+)
 from ._lifetime import started_by_library
 
 __all__ = [
@@ -47,8 +53,13 @@ __all__ = [
     "Thread",
     "ThreadPoolExecutor",
     "Timer",
+    "fork_clean",
+    "new_relaying_submit",
+    "prepare_start",
+    "relay_callbacks",
     "relayed_task",
     "run_async",
+    "unprepare",
     "wrap",
 ]
 
@@ -59,12 +70,6 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 _copy_context = contextvars.copy_context
-
-# Python 3.14 free-threaded builds copy the caller's context into every new
-# thread (sys.flags.thread_inherit_context): a pool worker would keep the
-# context of the request that happened to create it -- seed 001's stale
-# context.  Pool workers created by ctxrelay start from an empty context.
-THREADS_INHERIT_CONTEXT = bool(getattr(sys.flags, "thread_inherit_context", 0))
 
 
 class _Task(functools.partial[Any]):
@@ -181,71 +186,48 @@ def relay_callbacks(future: Future[T]) -> Future[T]:
     A callback added after the future is done runs at once, in the caller's
     context, which is already right.
     """
-    callbacks = getattr(future, "_done_callbacks", None)
-    if type(callbacks) is list:
-        future._done_callbacks = _RelayCallbacks(callbacks)  # type: ignore[attr-defined]
-    return future
+    if swap_done_callbacks(future, _RelayCallbacks):
+        return future
+    # The fallback, where a future keeps its callbacks some other way: a
+    # ctxrelay future that mirrors it (and forwards cancel() to it).
+    mirror: _Mirror[T] = _Mirror(future)
+    future.add_done_callback(mirror._copy)
+    return mirror
 
 
-def _make_stdlib_submit() -> Callable[..., Future[Any]] | None:
-    """A relaying twin of ``concurrent.futures.ThreadPoolExecutor.submit``.
+class _Mirror(_RelayFuture, Generic[T]):
+    """A relaying future that follows another: its outcome, its cancel()."""
 
-    Wrapping the standard ``submit`` costs a second Python frame and a
-    re-packing of ``*args``/``**kwargs`` per task; this twin does the same work
-    as the standard method (the body is unchanged from CPython 3.9 to 3.13)
-    with the relay folded in, which keeps the per-task cost at the floor of
-    ``copy_context().run``.  It is used only where the executor's ``submit``
-    is the standard one, and only when this Python's ``submit`` still has that
-    shape; otherwise ctxrelay wraps ``submit`` instead (``None`` here).
-    """
-    thread = concurrent.futures.thread
-    standard = concurrent.futures.ThreadPoolExecutor.submit
-    expected = {
-        "_shutdown_lock", "_global_shutdown_lock", "_broken", "BrokenThreadPool", "_shutdown",
-        "Future", "_WorkItem", "_work_queue", "put", "_adjust_thread_count",
-    }  # fmt: skip
-    try:
-        item_params = list(inspect.signature(thread._WorkItem.__init__).parameters)
-        same_shape = (
-            set(standard.__code__.co_names) == expected | {"_base", "RuntimeError"}
-            and item_params == ["self", "future", "fn", "args", "kwargs"]
-            and isinstance(thread._shutdown, bool)
-        )
-    except (AttributeError, TypeError, ValueError):  # pragma: no cover - other Pythons
-        same_shape = False
-    if not same_shape:  # pragma: no cover - e.g. Python 3.14's reworked executor
-        return None
-    work_item = thread._WorkItem
-    global_lock = thread._global_shutdown_lock
-    broken_pool = thread.BrokenThreadPool
+    def __init__(self, inner: Future[T]) -> None:
+        super().__init__()
+        self._inner = inner
 
-    def submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        with self._shutdown_lock, global_lock:
-            if self._broken:
-                raise broken_pool(self._broken)
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if thread._shutdown:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            future: Future[Any] = _RelayFuture()
-            if type(fn) is _Task:
-                self._work_queue.put(work_item(future, fn, args, kwargs))
-            else:
-                # What the floor does by hand, pool.submit(copy_context().run,
-                # fn, ...): no wrapper object, no extra call when it runs.
-                run = _copy_context().run
-                self._work_queue.put(work_item(future, run, (fn, *args), kwargs))
-            self._adjust_thread_count()
-            return future
+    def cancel(self) -> bool:
+        return self._inner.cancel() and super().cancel()
 
-    submit.__doc__ = standard.__doc__
-    return submit
+    def running(self) -> bool:
+        return self._inner.running()
+
+    def _copy(self, inner: Future[T]) -> None:
+        if inner.cancelled():
+            super().cancel()
+            self.set_running_or_notify_cancel()  # wakes waiters, runs callbacks
+            return
+        exc = inner.exception()
+        if exc is not None:
+            self.set_exception(exc)
+        else:
+            self.set_result(inner.result())
 
 
-#: The standard ``ThreadPoolExecutor.submit``, as this module found it.
-STDLIB_SUBMIT = concurrent.futures.ThreadPoolExecutor.submit
-#: Its relaying twin, or ``None`` where this Python's executor has changed shape.
-relaying_submit = _make_stdlib_submit()
+def new_relaying_submit() -> Callable[..., Future[Any]] | None:
+    """A fresh relaying twin of the standard ``submit`` (see ``_cpython``)."""
+    return make_relaying_submit(_Task, _RelayFuture)
+
+
+#: The relaying twin of ``ThreadPoolExecutor.submit``, or ``None`` where this
+#: Python's executor has changed shape (or the fast path is off).
+relaying_submit = new_relaying_submit()
 
 
 # -- wrap ---------------------------------------------------------------------
@@ -345,14 +327,14 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
             """Submit ``fn`` to run in the context of this call."""
 
     elif relaying_submit is not None:
-        # The standard body with the relay folded in (see _make_stdlib_submit).
+        # The standard body with the relay folded in (see _cpython).
         submit = relaying_submit
-    else:  # pragma: no cover - Pythons whose executor changed shape
+    else:  # Pythons whose executor changed shape (or CTXRELAY_NO_FAST_PATH=1)
 
         def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
             return relay_callbacks(super().submit(_task(fn), *args, **kwargs))
 
-    if THREADS_INHERIT_CONTEXT:  # pragma: no cover - free-threaded 3.14+ only
+    if THREADS_INHERIT_CONTEXT:  # free-threaded 3.14+ only
 
         def _adjust_thread_count(self) -> None:
             # Workers are created inside submit(): start them from an empty
@@ -395,10 +377,6 @@ class _RelayedRun:
             self.thread.__dict__.pop("run", None)
 
 
-# Python 3.14 added Thread(context=...): the thread runs in that context.
-THREAD_TAKES_CONTEXT = "context" in inspect.signature(threading.Thread.__init__).parameters
-
-
 def prepare_start(thread: threading.Thread, starter: FrameType | None = None) -> bool:
     """Capture for ``thread.start()``: make its ``run`` execute in the capture.
 
@@ -419,7 +397,7 @@ def prepare_start(thread: threading.Thread, starter: FrameType | None = None) ->
         context = contextvars.Context()
     else:
         context = _copy_context()
-    if THREAD_TAKES_CONTEXT:  # pragma: no cover - Python 3.14+
+    if THREAD_TAKES_CONTEXT:  # Python 3.14+
         # Pass the capture explicitly, so the thread never inherits (free-
         # threaded builds) or starts empty; a context the caller passed wins.
         if getattr(thread, "_context", None) is None:
@@ -436,10 +414,11 @@ def prepare_start(thread: threading.Thread, starter: FrameType | None = None) ->
     return True
 
 
-def _unprepare(thread: threading.Thread) -> None:
+def unprepare(thread: threading.Thread) -> None:
+    """Undo :func:`prepare_start` after a failed ``start()``."""
     if isinstance(thread.__dict__.get("run"), _RelayedRun):
         del thread.__dict__["run"]
-    if thread.__dict__.pop("_ctxrelay_set_context", False):  # pragma: no cover - 3.14+
+    if thread.__dict__.pop("_ctxrelay_set_context", False):  # Python 3.14+
         thread._context = None  # type: ignore[attr-defined]
 
 
@@ -452,7 +431,7 @@ class Thread(threading.Thread):
             super().start()
         except BaseException:
             if prepared:
-                _unprepare(self)
+                unprepare(self)
             raise
 
 
@@ -465,7 +444,7 @@ class Timer(threading.Timer):
             super().start()
         except BaseException:
             if prepared:
-                _unprepare(self)
+                unprepare(self)
             raise
 
 

@@ -31,12 +31,18 @@ from ._escape import log_text
 from ._policy import MASK, active
 
 __all__ = [
+    "CONTROL",
     "MAX_ASGI_ENTRIES",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
     "MAX_HEADERS_TOTAL_BYTES",
     "Headers",
     "RequestSnapshot",
+    "format_peer",
+    "latin1",
+    "refuse_not_bytes",
+    "refuse_odd_headers",
+    "snapshot_from_asgi",
 ]
 
 _log = logging.getLogger("ctxrelay")
@@ -58,8 +64,10 @@ MAX_HEADERS_TOTAL_BYTES = 65536
 
 # A kept name (stripped, lowercased) is printable ASCII without space or ":".
 _VALID_NAME = re.compile(r"[!-9;-~]+\Z")
-# Control characters but horizontal tab: CR, LF and NUL would split a header.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: Control characters but horizontal tab: CR, LF and NUL would split a
+#: header.  The one rule for inbound header values, the snapshot's and the
+#: door's alike.
+CONTROL = _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # What _all_clean lets through as it is: name bytes (printable ASCII but
 # space, ":" and uppercase, so strip() and lower() would change nothing) and
 # the control characters no value may hold.
@@ -257,7 +265,7 @@ def refuse_odd_headers(where: str, entries: object) -> None:
         pass
 
 
-def _latin1(value: object) -> str | None:
+def latin1(value: object) -> str | None:
     """``value`` decoded if it is ``bytes``/``bytearray``, else ``None``.
 
     Never ``bytes(value)``: for an int that allocates that many bytes, for an
@@ -280,11 +288,11 @@ def _asgi_lines(raw: Iterable[object]) -> list[tuple[str, str]]:
                 lines.append((name.decode("latin-1"), value.decode("latin-1")))
                 continue
         # ASGI headers are pairs of byte strings: anything else is dropped,
-        # never converted (see _latin1).
+        # never converted (see latin1).
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             _log.debug("ctxrelay: dropped a malformed ASGI header entry")
             continue
-        name_text, value_text = _latin1(pair[0]), _latin1(pair[1])
+        name_text, value_text = latin1(pair[0]), latin1(pair[1])
         if name_text is None:
             refuse_not_bytes("header name", pair[0])
         elif value_text is None:
@@ -333,11 +341,25 @@ def _str(value: object, default: str) -> str:
     return default if value is None else str(value)
 
 
+def format_peer(host: object, port: object) -> str | None:
+    """``"host:port"`` of a peer, an IPv6 host in brackets (``"[::1]:5000"``).
+
+    The one format of a peer address: the snapshot's ``client`` and the
+    door's trust check both use it, so ``Policy.trusts(request().client)``
+    answers what the door answered.  ``None`` when the host is unknown.
+    """
+    if not isinstance(host, str) or not host:
+        return None
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6: so the port cannot be mistaken for a group
+    return f"{host}:{port}" if isinstance(port, (int, str)) and port != "" else host
+
+
 def _address(pair: tuple[Any, ...]) -> str:
     # "host:port" from an ASGI (host, port) pair; called on access, so
     # whatever a broken server put there must not raise.
     try:
-        return f"{pair[0]}:{pair[1]}"
+        return format_peer(pair[0], pair[1]) or ""
     except Exception:
         return ""
 
@@ -581,7 +603,7 @@ class RequestSnapshot:
             server = f"{server}:{environ['SERVER_PORT']}"
         addr = environ.get("REMOTE_ADDR")
         port = environ.get("REMOTE_PORT")
-        client = (f"{addr}:{port}" if port else str(addr)) if addr else None
+        client = format_peer(addr, port) if isinstance(addr, str) else None
         snap = _new(cls)
         _set(
             snap,
@@ -683,3 +705,12 @@ def _wsgi_text(value: object) -> str:
         return value.encode("latin-1").decode("utf-8")
     except UnicodeError:
         return value
+
+
+def snapshot_from_asgi(
+    scope: Mapping[str, Any],
+) -> tuple[RequestSnapshot, tuple[Any, ...] | None, tuple[Any, ...]]:
+    """:meth:`RequestSnapshot.from_asgi`, plus the header entries the door reads
+    too: the raw entries when they are a value copy (else ``None``), and the
+    entries as read (bounded)."""
+    return RequestSnapshot._from_asgi(scope)

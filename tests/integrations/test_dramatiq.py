@@ -17,7 +17,7 @@ from dramatiq import Message
 
 import ctxrelay
 from ctxrelay._signing import KEY, SIGNATURE, WORKER_FIELDS, Signer, capture
-from ctxrelay.integrations.dramatiq import RelayMiddleware, install, uninstall
+from ctxrelay.integrations.dramatiq import ContextMiddleware, install, uninstall
 from tests.brokers import WorkerProcess, flush_redis, need_redis, wait_until
 from tests.integrations.dramatiq_app import SECRET, make_broker
 
@@ -166,9 +166,17 @@ def test_install_puts_one_middleware_first_and_uninstall_removes_it() -> None:
     broker = StubBroker()
     first = install(broker)
     assert install(broker) is first
-    assert isinstance(broker.middleware[0], RelayMiddleware)
-    assert sum(isinstance(m, RelayMiddleware) for m in broker.middleware) == 1
+    assert isinstance(broker.middleware[0], ContextMiddleware)
+    assert sum(isinstance(m, ContextMiddleware) for m in broker.middleware) == 1
     uninstall(broker)
     uninstall(broker)
-    assert not any(isinstance(m, RelayMiddleware) for m in broker.middleware)
+    assert not any(isinstance(m, ContextMiddleware) for m in broker.middleware)
     broker.close()
+
+
+def test_the_old_name_of_the_broker_middleware_still_works_with_a_warning() -> None:
+    import ctxrelay.integrations.dramatiq as integration
+
+    with pytest.warns(DeprecationWarning, match="ContextMiddleware"):
+        old = integration.RelayMiddleware
+    assert old is ContextMiddleware

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 import ctxrelay
-from ctxrelay.integrations.httpx import async_request_hook, install, request_hook
+from ctxrelay.integrations.httpx import async_request_hook, install, request_hook, uninstall
 
 from .outgoing import (
     CALLER_SECRET,
@@ -142,3 +142,16 @@ def test_a_header_value_that_is_not_ascii_costs_only_itself(flavour: str) -> Non
     assert "x-gray" not in received
     assert (received["x-request-id"], received["cookie"]) == ("req-1", "session=abc123")
     assert "tenant=acme" in received["baggage"]
+
+
+def test_uninstall_removes_only_ctxrelays_hooks() -> None:
+    def theirs(request: httpx.Request) -> None:
+        pass
+
+    client = install(httpx.Client(event_hooks={"request": [theirs]}))
+    uninstall(uninstall(client))  # idempotent
+    assert client.event_hooks["request"] == [theirs]
+    with two_servers() as (internal, _), ctxrelay.use(context()):
+        client.get(internal.url("/a"))
+    assert "x-request-id" not in internal.last("/a").headers
+    client.close()

@@ -6,7 +6,7 @@ import pytest
 import requests
 
 import ctxrelay
-from ctxrelay.integrations.requests import Session, install
+from ctxrelay.integrations.requests import Session, install, uninstall
 
 from .outgoing import (
     CALLER_SECRET,
@@ -120,3 +120,16 @@ def test_a_request_id_http_cannot_carry_does_not_fail_the_request(
     received = internal.last("/euro").headers
     assert "x-request-id" not in received
     assert received["baggage"] == "tenant=acme"
+
+
+def test_uninstall_undoes_install_exactly() -> None:
+    session = requests.Session()
+    send = session.send
+    install(session)
+    uninstall(uninstall(session))  # idempotent
+    assert session.send == send
+    assert "send" not in session.__dict__
+    with two_servers() as (internal, _), ctxrelay.use(context()):
+        session.get(internal.url("/a"), timeout=10)
+    assert "x-request-id" not in internal.last("/a").headers
+    session.close()

@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "ctxrelay.integrations.aiohttp needs aiohttp: pip install 'ctxrelay[aiohttp]'"
     ) from exc
 
-from .._wire import Sent, inject_hop
+from .._outbound import Sent, inject_hop
 
 __all__ = ["trace_config"]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from .. import _policy
 from .._context import REQUEST_ID, enter, leave
-from ._door import Door, RequestIdValidator, open_asgi, valid_request_id
+from .._inbound import Door, RequestIdValidator, open_asgi, valid_request_id
 
 __all__ = ["RelayMiddleware", "valid_request_id"]
 
@@ -168,3 +168,6 @@ def _log_error(scope: Scope) -> None:
         log_text(scope.get("path", "?")),
         exc_info=True,
     )
+
+
+valid_request_id.__module__ = __name__  # its public path (the WSGI door shares it)

@@ -79,8 +79,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "ctxrelay.integrations.celery needs Celery: pip install 'ctxrelay[celery]'"
     ) from exc
 
-from .._context import Context, current, enter, leave
-from .._signing import (
+from .._carrier import (
     KEY,
     WORKER_FIELDS,
     Secret,
@@ -91,6 +90,7 @@ from .._signing import (
     restore,
     with_local,
 )
+from .._context import Context, current, enter, leave
 
 __all__ = ["KEY", "TASK_ID", "TASK_PARENT_ID", "TASK_ROOT_ID", "Signer", "install", "uninstall"]
 

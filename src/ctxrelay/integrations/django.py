@@ -40,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - exercised without Django only
     ) from exc
 
 from .._context import REQUEST_ID, Context, enter, leave
-from ._door import Door, open_asgi, open_wsgi
+from .._inbound import Door, open_asgi, open_wsgi
 
 __all__ = ["RelayMiddleware", "door_from_settings"]
 

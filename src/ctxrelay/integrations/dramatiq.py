@@ -1,6 +1,6 @@
 """Dramatiq: a middleware carries the context in the message options.
 
-:class:`RelayMiddleware` writes the current context into
+:class:`ContextMiddleware` writes the current context into
 ``message.options["ctxrelay"]`` when a message is enqueued, binds it in the
 worker thread before the actor runs and resets it by token after -- after
 success, exception and skip -- so nothing leaks into the thread's next
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Sequence
 from contextvars import Token
 from typing import Any
@@ -51,10 +52,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "ctxrelay.integrations.dramatiq needs Dramatiq: pip install 'ctxrelay[dramatiq]'"
     ) from exc
 
+from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
 from .._context import Context, enter, leave
-from .._signing import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
 
-__all__ = ["MESSAGE_ID", "RelayMiddleware", "Signer", "install", "uninstall"]
+__all__ = ["MESSAGE_ID", "ContextMiddleware", "Signer", "install", "uninstall"]
 
 _log = logging.getLogger("ctxrelay")
 
@@ -62,7 +63,7 @@ _log = logging.getLogger("ctxrelay")
 MESSAGE_ID = "message_id"
 
 
-class RelayMiddleware(Middleware):
+class ContextMiddleware(Middleware):
     """Carries the context from ``send`` to the actor; see the module docs.
 
     Prefer :func:`install`, which puts it first in the broker's list.
@@ -133,16 +134,16 @@ class RelayMiddleware(Middleware):
 
 def install(
     broker: Broker, *, secret: Signer | Secret | Sequence[Secret] | None = None
-) -> RelayMiddleware:
-    """Put a :class:`RelayMiddleware` first in ``broker``'s middleware.
+) -> ContextMiddleware:
+    """Put a :class:`ContextMiddleware` first in ``broker``'s middleware.
 
     Idempotent: an installed one is kept, with ``secret`` as its new secret.
     """
     for existing in broker.middleware:
-        if isinstance(existing, RelayMiddleware):
+        if isinstance(existing, ContextMiddleware):
             existing.signer = as_signer(secret)
             return existing
-    middleware = RelayMiddleware(secret=secret)
+    middleware = ContextMiddleware(secret=secret)
     if broker.middleware:
         broker.add_middleware(middleware, before=type(broker.middleware[0]))
     else:
@@ -151,5 +152,19 @@ def install(
 
 
 def uninstall(broker: Broker) -> None:
-    """Remove every :class:`RelayMiddleware` from ``broker``.  Idempotent."""
-    broker.middleware[:] = [m for m in broker.middleware if not isinstance(m, RelayMiddleware)]
+    """Remove every :class:`ContextMiddleware` from ``broker``.  Idempotent."""
+    broker.middleware[:] = [m for m in broker.middleware if not isinstance(m, ContextMiddleware)]
+
+
+def __getattr__(name: str) -> object:
+    # ``RelayMiddleware`` names the web doors everywhere else in ctxrelay; the
+    # broker middleware is ContextMiddleware.  The old name still works.
+    if name == "RelayMiddleware":
+        warnings.warn(
+            "ctxrelay.integrations.dramatiq.RelayMiddleware is now ContextMiddleware "
+            "(RelayMiddleware names the web middleware); the old name will be removed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ContextMiddleware
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

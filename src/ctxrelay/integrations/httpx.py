@@ -32,9 +32,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "ctxrelay.integrations.httpx needs httpx: pip install 'ctxrelay[httpx]'"
     ) from exc
 
-from .._wire import Sent, inject_hop
+from .._outbound import Sent, inject_hop
 
-__all__ = ["async_request_hook", "install", "request_hook"]
+__all__ = ["async_request_hook", "install", "request_hook", "uninstall"]
 
 # httpx copies request.extensions into each redirect request
 # (Client._build_redirect_request), so the previous hop's state is found there.
@@ -65,5 +65,15 @@ def install(client: _ClientT) -> _ClientT:
     hooks: dict[str, list[Callable[..., Any]]] = client.event_hooks
     if hook not in hooks["request"]:
         hooks["request"] = [*hooks["request"], hook]
+        client.event_hooks = hooks
+    return client
+
+
+def uninstall(client: _ClientT) -> _ClientT:
+    """Remove ctxrelay's request hooks from ``client``; returns it.  Idempotent."""
+    hooks: dict[str, list[Callable[..., Any]]] = client.event_hooks
+    kept = [h for h in hooks["request"] if h not in (request_hook, async_request_hook)]
+    if len(kept) != len(hooks["request"]):
+        hooks["request"] = kept
         client.event_hooks = hooks
     return client

@@ -35,8 +35,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .._context import REQUEST_ID, Context, validate_field
+from .._logfields import DEFAULT, PerContext, masked_fields, request_attributes, request_values
 from .._policy import Policy
-from .logging import DEFAULT, PerContext, masked_fields, request_attributes, request_values
 
 if TYPE_CHECKING:
     from loguru import Record

@@ -35,9 +35,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "ctxrelay.integrations.requests needs requests: pip install 'ctxrelay[requests]'"
     ) from exc
 
-from .._wire import Sent, inject_hop
+from .._outbound import Sent, inject_hop
 
-__all__ = ["Session", "install"]
+__all__ = ["Session", "install", "uninstall"]
 
 # The hop state rides on the PreparedRequest: requests copies a prepared
 # request per redirect (PreparedRequest.copy), and the copy starts without it.
@@ -110,4 +110,17 @@ def install(session: requests.Session) -> requests.Session:
     session.send = relaying_send  # type: ignore[method-assign]
     session.rebuild_auth = relaying_rebuild_auth  # type: ignore[method-assign]
     session._ctxrelay_installed = True  # type: ignore[attr-defined]
+    return session
+
+
+def uninstall(session: requests.Session) -> requests.Session:
+    """Undo :func:`install` on ``session`` exactly; returns it.  Idempotent.
+
+    A :class:`Session` relays by its class, not by installation: use a plain
+    ``requests.Session`` where nothing should be relayed.
+    """
+    if not getattr(session, "_ctxrelay_installed", False):
+        return session
+    for name in ("send", "rebuild_auth", "_ctxrelay_installed"):
+        session.__dict__.pop(name, None)  # the class's own methods show through again
     return session

@@ -39,18 +39,46 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any, ClassVar
 
+#: The RQ releases this module is tested with (``make test-matrix``).
+SUPPORTED = "rq 1.16 to 3.x"
+
 try:
-    from rq.executions import Execution
+    import rq
     from rq.job import Job
     from rq.queue import Queue
     from rq.worker import SimpleWorker, Worker
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("ctxrelay.integrations.rq needs RQ: pip install 'ctxrelay[rq]'") from exc
+    raise ImportError(
+        f"ctxrelay.integrations.rq needs RQ ({SUPPORTED}): pip install 'ctxrelay[rq]'"
+    ) from exc
 
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+if _release(rq.VERSION) < (1, 16):  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"ctxrelay.integrations.rq supports {SUPPORTED}, not rq {rq.VERSION}: "
+        "pip install 'ctxrelay[rq]' (or 'rq>=1.16')"
+    )
+
+from .._carrier import KEY, Signer, binding, capture, restore, with_local
 from .._context import Context, enter, leave, use
-from .._signing import KEY, Signer, binding, capture, restore, with_local
 
-__all__ = ["JOB_ID", "RelayJob", "RelaySimpleWorker", "RelayWorker", "RelayWorkerMixin", "Signer"]
+__all__ = [
+    "JOB_ID",
+    "SUPPORTED",
+    "RelayJob",
+    "RelaySimpleWorker",
+    "RelayWorker",
+    "RelayWorkerMixin",
+    "Signer",
+]
 
 #: The worker-local field holding the running job's id.
 JOB_ID = "job_id"
@@ -105,11 +133,12 @@ class RelayWorkerMixin:
 
     job_class: type[Job] = RelayJob
 
-    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+    def perform_job(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> bool:
+        # RQ 3 passes the job's Execution as a third argument; 1.16 and 2.x do not.
         token = enter(_context_of(job))
         mark = _bound_job.set(job.id)
         try:
-            result: bool = super().perform_job(job, queue, execution)  # type: ignore[misc]
+            result: bool = super().perform_job(job, queue, *args, **kwargs)  # type: ignore[misc]
             return result
         finally:
             _bound_job.reset(mark)

@@ -36,8 +36,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .._context import Context
+from .._logfields import PerContext, masked_fields, request_attributes, request_values
 from .._policy import Policy
-from .logging import PerContext, masked_fields, request_attributes, request_values
 
 __all__ = ["MergeContext", "merge_context"]
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._context import REQUEST_ID, Context, enter, leave
-from ._door import Door, RequestIdValidator, open_wsgi, valid_request_id
+from .._inbound import Door, RequestIdValidator, open_wsgi, valid_request_id
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
