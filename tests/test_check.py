@@ -372,6 +372,28 @@ RELAYED = {
             with ctxrelay.detached():
                 threading.Thread(target=consume, daemon=True).start()
         """,
+    "a helper chain that copies, through a module-level alias": """
+        import contextvars, functools
+        from concurrent.futures import Executor
+        _copy_context = contextvars.copy_context
+        def _task(fn):
+            return functools.partial(_copy_context().run, fn)
+        def relayed_task(executor, fn):
+            return _task(fn)
+        class Relaying:
+            def __init__(self, executor: Executor):
+                self.executor = executor
+            def submit(self, fn, *args):
+                task = relayed_task(self.executor, fn)
+                return self.executor.submit(task, *args)
+        """,
+    "another package's Timer is not threading's": """
+        import threading, timeit
+        class Timer(threading.Timer):
+            pass
+        def f():
+            return timeit.Timer("pass").timeit(10)
+        """,
     "an unknown receiver is given the benefit of the doubt": """
         def f(client, form, pool):
             client.submit(print)
@@ -487,6 +509,12 @@ def test_relayed_forms_are_silent(tmp_path: Path, case: str) -> None:
         def f(fn):
             MyPool().submit(fn)
         """,
+        """
+        import concurrent.futures
+        Pool = concurrent.futures.ThreadPoolExecutor
+        def f(fn):
+            Pool().submit(fn)
+        """,
     ],
     ids=[
         "from-import-as",
@@ -500,6 +528,7 @@ def test_relayed_forms_are_silent(tmp_path: Path, case: str) -> None:
         "class-annotation-string",
         "attribute-set-in-base-class",
         "subclass-without-submit",
+        "module-level-alias",
     ],
 )
 def test_aliases_and_indirections(tmp_path: Path, source: str) -> None:

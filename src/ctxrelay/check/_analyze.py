@@ -458,13 +458,20 @@ class ModuleFacts:
 
     # -- names --------------------------------------------------------------------------
 
-    def qualify(self, node: ast.expr) -> str | None:
-        """The dotted name an expression stands for, through this module's imports."""
+    def qualify(self, node: ast.expr, depth: int = 0) -> str | None:
+        """The dotted name an expression stands for, through this module's imports
+        and module-level aliases (``TPE = concurrent.futures.ThreadPoolExecutor``)."""
         parts = _dotted(node)
         if parts is None:
             return None
         head = parts[0]
         bound = self.imports.get(head)
+        if bound is None and depth < 4:
+            values = self.module_scope.assigns.get(head)
+            if values is not None and len(values) == 1:
+                value = values[0][0]
+                if isinstance(value, ast.Name | ast.Attribute) and value is not node:
+                    bound = self.qualify(value, depth + 1)
         if bound is None:
             for module in self.star:
                 if head in _STAR_EXPORTS.get(module, ()):
@@ -490,6 +497,11 @@ class Project:
         self._class_kind: dict[int, str | None] = {}
         self._kinds: dict[tuple[int, int], str | None] = {}
         self._by_root = {id(module.module_scope): module for module in modules}
+        # the names the project's own modules can be imported by ("" for relative)
+        self.project_names: set[str] = {""}
+        for module in modules:
+            parts = module.path.replace("\\", "/").split("/")
+            self.project_names.update(p.removesuffix(".py") for p in parts if p)
         self.instrumented: list[tuple[str, int]] = []
         self.integrations: set[str] = set()
         for module in modules:
@@ -583,6 +595,11 @@ class Project:
             return None
         if depth > 8:
             return None
+        parts = _dotted(node)
+        if parts is not None and (parts[0] in module.imports or module.star):
+            head = name.partition(".")[0]
+            if head and head not in self.project_names:
+                return None  # a class of another package (timeit.Timer is not ours)
         last = name.rpartition(".")[2]
         for info in self.classes.get(last, ()):
             kind = self.class_kind(info, depth + 1)
@@ -762,7 +779,8 @@ class Project:
                 kinds.append(self.kind(owner_module, fn_scope, sub.value, depth + 1))
         return _merge(kinds) or self.annotation_kind(owner_module, fn.returns)
 
-    def _module_of(self, scope: _Scope) -> ModuleFacts:
+    def _module_of(self, scope: _Scope | None) -> ModuleFacts:
+        assert scope is not None
         while scope.parent is not None:
             scope = scope.parent
         return self._by_root[id(scope)]
@@ -881,11 +899,33 @@ class Project:
             owner = self._owner(scope)
             if owner is not None and func.attr in owner.methods:
                 defs.append(owner.methods[func.attr][0])
-        for d in defs:
-            for sub in _own_nodes(d):
-                if isinstance(sub, ast.Call) and _last(sub.func) in ("copy_context", "wrap"):
-                    return True
+        return any(self._copies(d, 0) for d in defs)
+
+    def _copies(self, fn: ast.FunctionDef | ast.AsyncFunctionDef, depth: int) -> bool:
+        """Does calling ``fn`` copy the context then (itself, or a helper it calls)?"""
+        module = self._module_of(self._scope_of(fn))
+        for sub in _own_nodes(fn):
+            if not isinstance(sub, ast.Call):
+                continue
+            name = module.qualify(sub.func) if module is not None else None
+            if (
+                name in _COPY_CONTEXT
+                or name in _WRAP
+                or _last(sub.func) in ("copy_context", "wrap")
+            ):
+                return True
+            if depth < 3 and isinstance(sub.func, ast.Name):
+                for inner, _ in self.functions.get(sub.func.id, ()):
+                    if inner is not fn and self._copies(inner, depth + 1):
+                        return True
         return False
+
+    def _scope_of(self, fn: ast.AST) -> _Scope | None:
+        for module in self.modules:
+            scope = module.scopes.get(id(fn))
+            if scope is not None:
+                return scope
+        return None
 
     # -- judging the hand-offs ----------------------------------------------------------
 
