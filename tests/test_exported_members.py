@@ -62,7 +62,10 @@ INTEGRATIONS = {
     "celery": [
         "KEY", "Signer", "TASK_ID", "TASK_PARENT_ID", "TASK_ROOT_ID", "install", "uninstall",
     ],
-    "rq": ["JOB_ID", "RelayJob", "RelaySimpleWorker", "RelayWorker", "RelayWorkerMixin", "Signer"],
+    "rq": [
+        "JOB_ID", "SUPPORTED", "RelayJob", "RelaySimpleWorker", "RelayWorker", "RelayWorkerMixin",
+        "Signer",
+    ],
     "dramatiq": ["ContextMiddleware", "MESSAGE_ID", "Signer", "install", "uninstall"],
     "requests": ["Session", "install", "uninstall"],
     "httpx": ["async_request_hook", "install", "request_hook", "uninstall"],

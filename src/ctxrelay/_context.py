@@ -400,20 +400,10 @@ class _Use(_Scope):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        token = self._token
-        if token is None:
-            return
-        self._token = None
-        if self._otel is not None:
+        if self._otel is not None and self._token is not None:
             end_use(self._otel)
             self._otel = None
-        if _CURRENT.get() is self._ctx:
-            try:
-                _CURRENT.reset(token)
-                return
-            except ValueError:
-                pass
-        _exit(token, self._ctx)
+        _Scope.__exit__(self, exc_type, exc, tb)
 
 
 _modules = sys.modules

@@ -191,7 +191,7 @@ def relay_callbacks(future: Future[T]) -> Future[T]:
     # The fallback, where a future keeps its callbacks some other way: a
     # ctxrelay future that mirrors it (and forwards cancel() to it).
     mirror: _Mirror[T] = _Mirror(future)
-    future.add_done_callback(mirror._copy)
+    future.add_done_callback(functools.partial(_copy_outcome, mirror))
     return mirror
 
 
@@ -207,17 +207,6 @@ class _Mirror(_RelayFuture, Generic[T]):
 
     def running(self) -> bool:
         return self._inner.running()
-
-    def _copy(self, inner: Future[T]) -> None:
-        if inner.cancelled():
-            super().cancel()
-            self.set_running_or_notify_cancel()  # wakes waiters, runs callbacks
-            return
-        exc = inner.exception()
-        if exc is not None:
-            self.set_exception(exc)
-        else:
-            self.set_result(inner.result())
 
 
 def new_relaying_submit() -> Callable[..., Future[Any]] | None:
@@ -502,8 +491,10 @@ def _watch(inner: Future[Any], captured: contextvars.Context, name: str) -> Futu
 
 def _copy_outcome(outer: Future[Any], inner: Future[Any]) -> None:
     if inner.cancelled():
-        # A RUNNING future cannot be cancelled; report the cancellation instead.
-        outer.set_exception(concurrent.futures.CancelledError())
+        if Future.cancel(outer):  # a pending mirror: cancelled as its inner was
+            outer.set_running_or_notify_cancel()  # wakes waiters
+        else:  # a RUNNING future cannot be cancelled; report the cancellation instead
+            outer.set_exception(concurrent.futures.CancelledError())
         return
     exc = inner.exception()
     if exc is not None:

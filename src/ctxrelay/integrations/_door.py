@@ -7,26 +7,5 @@ integrations only adapt their framework to it.
 
 from __future__ import annotations
 
-from .._inbound import (
-    PLAIN_NAME_BYTES,
-    PLAIN_RETAINED_BYTES,
-    Door,
-    Plan,
-    RequestIdValidator,
-    new_request_id,
-    open_asgi,
-    open_wsgi,
-    valid_request_id,
-)
-
-__all__ = [
-    "PLAIN_NAME_BYTES",
-    "PLAIN_RETAINED_BYTES",
-    "Door",
-    "Plan",
-    "RequestIdValidator",
-    "new_request_id",
-    "open_asgi",
-    "open_wsgi",
-    "valid_request_id",
-]
+from .._inbound import *  # noqa: F403
+from .._inbound import __all__ as __all__

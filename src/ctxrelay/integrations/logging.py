@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable, Mapping
-from typing import IO, Final, TypeVar
+from typing import IO, Final
 
 from .. import _policy
 from .._context import REQUEST_ID, Context, read_current, validate_field
@@ -57,7 +57,6 @@ __all__ = [
 _log = logging.getLogger("ctxrelay")
 #: The ContextVar's bound ``get``: one attribute lookup less per record.
 _current: Final = read_current
-_T = TypeVar("_T")
 
 #: The format :func:`setup` gives the handler it creates.
 DEFAULT_FORMAT: Final = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"

@@ -37,38 +37,36 @@ error.  Malformed or oversized contexts run with an empty one and a warning.
 from __future__ import annotations
 
 from contextvars import ContextVar
+from importlib import metadata as _metadata
 from typing import Any, ClassVar
 
-#: The RQ releases this module is tested with (``make test-matrix``).
-SUPPORTED = "rq 1.16 to 3.x"
-
 try:
-    import rq
     from rq.job import Job
     from rq.queue import Queue
     from rq.worker import SimpleWorker, Worker
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        f"ctxrelay.integrations.rq needs RQ ({SUPPORTED}): pip install 'ctxrelay[rq]'"
+        "ctxrelay.integrations.rq needs RQ (1.16 to 3.x): pip install 'ctxrelay[rq]'"
     ) from exc
-
-
-def _release(version: str) -> tuple[int, ...]:
-    parts = []
-    for part in version.split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit()) or "0"
-        parts.append(int(digits))
-    return tuple(parts)
-
-
-if _release(rq.VERSION) < (1, 16):  # pragma: no cover - depends on the environment
-    raise ImportError(
-        f"ctxrelay.integrations.rq supports {SUPPORTED}, not rq {rq.VERSION}: "
-        "pip install 'ctxrelay[rq]' (or 'rq>=1.16')"
-    )
 
 from .._carrier import KEY, Signer, binding, capture, restore, with_local
 from .._context import Context, enter, leave, use
+
+#: The RQ releases this module works with (each tested by ``make test-matrix``).
+SUPPORTED = "rq 1.16 to 3.x"
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, _, rest = version.partition(".")
+    minor = "".join(c for c in rest.partition(".")[0] if c.isdigit())
+    return int(major or 0), int(minor or 0)
+
+
+if _release(_metadata.version("rq")) < (1, 16):  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"ctxrelay.integrations.rq supports {SUPPORTED}, not rq {_metadata.version('rq')}: "
+        "pip install 'ctxrelay[rq]'"
+    )
 
 __all__ = [
     "JOB_ID",
