@@ -7,6 +7,8 @@ show).  Every job is signed (``rq_jobs.SignedJob``).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -20,6 +22,7 @@ from rq.job import Job, JobStatus
 
 import ctxrelay
 from ctxrelay._signing import KEY, SIGNATURE, WORKER_FIELDS, Signer, capture
+from ctxrelay.integrations.rq import RelayWorkerMixin
 from tests.brokers import WorkerProcess, flush_redis, need_redis, redis_url, wait_until
 from tests.integrations import rq_jobs
 from tests.integrations.rq_jobs import SECRET, SignedJob
@@ -182,3 +185,48 @@ def test_bad_context_runs_with_an_empty_one_and_a_log_line(simple: RQWorker, kin
     with ctxrelay.bind(request_id="r-rq-after-bad"):
         after = simple.queue.enqueue(rq_jobs.fields)
     assert relayed(simple.result(after)) == {"request_id": "r-rq-after-bad"}
+
+
+_TOO_OLD = """
+import importlib.metadata, sys
+real = importlib.metadata.version
+importlib.metadata.version = lambda name: "1.15.1" if name == "rq" else real(name)
+try:
+    import ctxrelay.integrations.rq
+except ImportError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_an_rq_older_than_the_supported_range_is_refused_naming_the_range() -> None:
+    finished = subprocess.run(
+        [sys.executable, "-c", _TOO_OLD], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert finished.returncode == 3, finished.stderr
+    assert finished.stdout.strip() == (
+        "ctxrelay.integrations.rq supports rq 1.16 to 3.x, not rq 1.15.1: "
+        "pip install 'ctxrelay[rq]'"
+    )
+
+
+def test_the_workers_bind_under_the_installed_rq_whatever_perform_job_receives() -> None:
+    # RQ 3 calls perform_job(job, queue, execution); 1.16 and 2.x call perform_job(job, queue).
+    seen: list[tuple[object, ...]] = []
+
+    class Base:
+        def perform_job(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> bool:
+            seen.append((job, queue, *args, dict(ctxrelay.current())))
+            return True
+
+    class Probe(RelayWorkerMixin, Base):
+        pass
+
+    connection = redis.Redis()  # never used: nothing is saved or fetched
+    with ctxrelay.bind(request_id="r-rq-probe"):
+        job = SignedJob.create(rq_jobs.fields, connection=connection)
+    for extra in ((), ("execution",)):
+        assert Probe().perform_job(job, Queue("probe", connection=connection), *extra) is True
+    assert [s[2:-1] for s in seen] == [(), ("execution",)]
+    assert all(s[-1] == {"request_id": "r-rq-probe", "job_id": job.id} for s in seen)
+    assert ctxrelay.current() == ctxrelay.Context()
