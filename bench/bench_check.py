@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus-only", action="store_true")
     parser.add_argument("--real", metavar="MIRRORS", help="a directory of bare git mirrors")
     parser.add_argument("--target", metavar="PATH", help="tree to time (default: Django)")
+    parser.add_argument("--quick", action="store_true", help="one timed run instead of three")
     args = parser.parse_args(argv)
 
     score = score_corpus()
@@ -238,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
             print("\nspeed: Django is not installed (pip install django, or --target PATH)")
             return 0
         target = Path(spec.origin).parent
-    files, lines, seconds = speed(target)
+    repeat = 1 if args.quick else 3
+    files, lines, seconds = speed(target, repeat)
     print(
         f"\n### Speed\n\n{target.name}: {files} files, {lines} lines in {seconds:.2f} s "
-        f"(best of 3, in-process): {lines / seconds:,.0f} lines/s "
+        f"(best of {repeat}, in-process): {lines / seconds:,.0f} lines/s "
         f"(Python {sys.version.split()[0]})"
     )
     return 0
