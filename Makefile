@@ -13,7 +13,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ctxrelay-installed
 EXTRAS := dev,docs,demo,fastapi,flask,django,celery,rq,dramatiq,requests,httpx,aiohttp,structlog,loguru
 
-.PHONY: demo test lint typecheck pytest services bench dist clean
+.PHONY: demo test lint typecheck docs pytest services bench dist test-matrix clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m ctxrelay.demo
 
-test: $(STAMP) lint typecheck services pytest
+test: $(STAMP) lint typecheck docs services pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests bench scripts
@@ -35,6 +35,11 @@ typecheck: $(STAMP)
 
 services:
 	@bash scripts/ensure-services
+
+# The documentation site, built strictly: a broken link or anchor, a page
+# missing from the nav or an unresolved API reference fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 pytest: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider
@@ -47,6 +52,14 @@ bench: $(STAMP)
 SDIST_TESTS ?= -m 'not broker'
 dist: $(STAMP)
 	$(PY) scripts/check_dist.py --sdist-tests "$(SDIST_TESTS)"
+
+# Every CPython found and each extra at its oldest allowed version (and the
+# newest, on the newest Python); results in build/matrix/results.md.  Long:
+# not part of `make test`.  Name sessions to run only those:
+#   make test-matrix SESSIONS="py3.12 oldest-rq"
+SESSIONS ?=
+test-matrix: $(STAMP) services
+	$(PY) scripts/test_matrix.py $(SESSIONS)
 
 clean:
 	rm -rf $(VENV) build dist site src/*.egg-info .mypy_cache .ruff_cache .hypothesis

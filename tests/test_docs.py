@@ -24,7 +24,7 @@ import pytest
 from tests.brokers import flush_redis, need_rabbitmq, need_redis
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/*.md"))]
+PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/**/*.md"))]
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 #: The Redis database the documentation's examples run against.

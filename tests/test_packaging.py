@@ -85,7 +85,10 @@ def test_every_link_into_the_docs_site_points_at_a_page_and_heading_that_exist()
             if not target.startswith(DOCS_SITE):
                 continue
             path, _, anchor = target.removeprefix(DOCS_SITE).partition("#")
-            doc = ROOT / "docs" / (f"{path.strip('/')}.md" if path.strip("/") else "index.md")
+            name = path.strip("/")
+            doc = ROOT / "docs" / (f"{name}.md" if name else "index.md")
+            if name and not doc.exists():
+                doc = ROOT / "docs" / name / "index.md"
             if not doc.exists():
                 broken.append(f"{page.name}: {target} (no {doc.relative_to(ROOT)})")
             elif anchor and anchor not in _anchors(doc):
