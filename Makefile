@@ -1,7 +1,7 @@
 # The two commands of the README's quick start:
 #   make demo   -- run the demonstration
 #   make test   -- lint, type-check, build the docs and run the whole test suite
-# Each creates .venv and installs what it needs.  Also:
+# make demo creates .venv-demo (the demo extra only), make test .venv (everything).  Also:
 #   make docs         -- the documentation site, into site/ (strict: broken links fail)
 #   make dist         -- sdist + wheel into dist/, checked and installed in fresh venvs
 #   make test-matrix  -- every CPython found, each extra at its oldest and newest version
@@ -21,8 +21,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m ctxrelay.demo
+# The demo has a venv of its own with only the demo extra (FastAPI, uvicorn,
+# httpx, Celery), not the ~100 packages the tests need.
+DEMO_VENV  := .venv-demo
+DEMO_STAMP := $(DEMO_VENV)/.ctxrelay-installed
+$(DEMO_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DEMO_VENV)/bin/python -m pip install --quiet -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(DEMO_VENV)/bin/python -m ctxrelay.demo
 
 test: $(STAMP) lint typecheck docs services pytest
 
@@ -62,4 +72,4 @@ test-matrix: $(STAMP) services
 	$(PY) scripts/test_matrix.py $(SESSIONS)
 
 clean:
-	rm -rf $(VENV) build dist site src/*.egg-info .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(DEMO_VENV) build dist site src/*.egg-info .mypy_cache .ruff_cache .hypothesis
