@@ -70,6 +70,7 @@ INTEGRATIONS = {
     "requests": ["Session", "install", "uninstall"],
     "httpx": ["async_request_hook", "install", "request_hook", "uninstall"],
     "aiohttp": ["trace_config"],
+    "aiohttp_server": ["RelayMiddleware", "setup"],
     "logging": [
         "ContextFilter", "DEFAULT", "DEFAULT_FORMAT", "FrozenFields", "REQUEST_ATTRIBUTES",
         "install", "setup", "uninstall",
