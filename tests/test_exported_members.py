@@ -77,6 +77,7 @@ INTEGRATIONS = {
     ],
     "structlog": ["MergeContext", "merge_context"],
     "loguru": ["ContextPatcher", "patcher"],
+    "reactivex": ["RelayScheduler", "install", "installed", "uninstall"],
 }  # fmt: skip
 
 #: Shared by several integrations whose extras may be missing: kept at a path
