@@ -28,6 +28,8 @@ def test_all_is_sorted_and_pinned() -> None:
         "request",
         "request_id",
         "run_async",
+        "strict",
+        "strict_reports",
         "uninstrument",
         "use",
         "wrap",

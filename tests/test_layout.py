@@ -69,7 +69,7 @@ def _violations() -> Iterator[str]:
                 continue
             for alias in node.names:
                 local = alias.asname or alias.name
-                if alias.name == "*":
+                if alias.name == "*" or alias.name == "__all__":
                     continue  # a re-export of the whole interface (the old paths)
                 if _is_module(f"{target}.{alias.name}"):
                     imported[local] = f"{target}.{alias.name}"  # a module object

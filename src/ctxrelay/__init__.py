@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib as _contextlib
 
+from . import _strict
 from ._context import Context, bind, current, detached, get, request, request_id, use
 from ._inbound import extract
 from ._instrument import instrument, instrumented, uninstrument
@@ -24,6 +25,7 @@ from ._relay import (
     wrap,
 )
 from ._request import Headers, RequestSnapshot
+from ._strict import strict, strict_reports
 
 __all__ = [
     "Context",
@@ -48,6 +50,8 @@ __all__ = [
     "request",
     "request_id",
     "run_async",
+    "strict",
+    "strict_reports",
     "uninstrument",
     "use",
     "wrap",
@@ -64,3 +68,5 @@ for _name in __all__:
         with _contextlib.suppress(AttributeError, TypeError):  # a builtin keeps its own
             _obj.__module__ = "ctxrelay"
 del _name, _obj
+
+_strict.from_environment()  # CTXRELAY_STRICT=1 turns strict mode on at import

@@ -16,6 +16,7 @@ from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
+from . import _strict
 from ._otel import end_use, note_use
 from ._policy import MASK, active
 from ._request import RequestSnapshot
@@ -31,8 +32,11 @@ __all__ = [
     "bind",
     "current",
     "detached",
+    "begin",
     "enter",
+    "finish",
     "leave",
+    "root_of",
     "make_context",
     "read_current",
     "get",
@@ -346,7 +350,7 @@ class _Scope:
                 return
             except ValueError:
                 pass  # a copy of the context it was entered in: foreign
-        _exit(token, self._ctx)
+        _exit(token, self)
 
 
 class _Bind(_Scope):
@@ -429,7 +433,7 @@ def leave(token: Token[Context]) -> None:
     try:
         _CURRENT.reset(token)
     except ValueError:
-        _report_exit("foreign-exit", "in another context than it was entered in", depth=2)
+        _report_exit("foreign-exit", "in another context than it was entered in")
 
 
 #: :func:`current` for the package's hot paths (a log filter per record):
@@ -446,7 +450,93 @@ def make_context(fields: dict[str, str], request: RequestSnapshot | None) -> Con
     return Context._make(fields, request)
 
 
-def _exit(token: Token[Context], ctx: Context | None) -> None:
+def begin(ctx: Context) -> Token[Context]:
+    """:func:`enter` for the start of a unit of work: a request at a door, a
+    task or job in a worker.  In strict mode it reports a unit that starts
+    with a context already bound (something leaked from earlier work)."""
+    if _strict.STATE.on:
+        _check_start(ctx)
+    return _CURRENT.set(ctx)
+
+
+def finish(token: Token[Context], ctx: Context) -> None:
+    """:func:`leave` at the end of a unit of work begun with :func:`begin`."""
+    leave(token)
+    if _strict.STATE.on:
+        _strict.note_ended(ctx)
+
+
+def _check_start(ctx: Context) -> None:
+    here = _strict.site(2)  # the door or worker that begins the unit
+    _strict.note_bound(ctx, here)
+    leaked = _CURRENT.get()
+    if leaked._fields or leaked._request is not None:
+        _strict.report(
+            "dirty-start",
+            "a request, task or job started with a context already bound on its thread or "
+            "task: it leaked from earlier work (a scope that was never exited, a service "
+            "thread started inside a request)",
+            started=here,
+            bound=_strict.bound_at(leaked) or _strict.bound_at(root_of(leaked)),
+        )
+
+
+def root_of(ctx: Context) -> Context:
+    """The outermost context ``ctx`` was bound on top of (its request's, usually)."""
+    for _ in range(_MAX_UNWIND):
+        base = ctx._base
+        if base is None or not (base._fields or base._request is not None):
+            return ctx
+        ctx = base
+    return ctx
+
+
+class _StrictBind(_Bind):
+    """``bind()`` in strict mode: remembers where it was entered (sampled)."""
+
+    __slots__ = ("_site",)
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(fields)
+        self._site: _strict.Site | None = None
+
+    def __enter__(self) -> Context:
+        ctx = _Bind.__enter__(self)
+        if _strict.sample():
+            self._site = _strict.site(1)
+            _strict.note_bound(ctx, self._site)
+        return ctx
+
+
+class _StrictUse(_Use):
+    """``use()`` in strict mode: remembers where it was entered (sampled)."""
+
+    __slots__ = ("_site",)
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self._site: _strict.Site | None = None
+
+    def __enter__(self) -> Context:
+        ctx = _Use.__enter__(self)
+        if _strict.sample():
+            self._site = _strict.site(1)
+            _strict.note_bound(ctx, self._site)
+        return ctx
+
+
+# The scope classes bind()/use() make: swapped for the strict ones while
+# strict mode is on, so that off it costs nothing at all.
+_BIND: type[_Bind] = _Bind
+_USE: type[_Use] = _Use
+
+
+def _switch_strict(on: bool) -> None:
+    global _BIND, _USE
+    _BIND, _USE = (_StrictBind, _StrictUse) if on else (_Bind, _Use)
+
+
+def _exit(token: Token[Context], scope: _Scope) -> None:
     """The rare exits: out of order, or where the scope's context is not bound.
 
     A scope may restore only while its own context ``ctx`` is still on the
@@ -468,6 +558,7 @@ def _exit(token: Token[Context], ctx: Context | None) -> None:
 
     Reported once per place, never raised into the host.
     """
+    ctx = scope._ctx
     below = _CURRENT.get()._base
     for _ in range(_MAX_UNWIND):
         if below is None:
@@ -477,12 +568,13 @@ def _exit(token: Token[Context], ctx: Context | None) -> None:
                 _CURRENT.reset(token)
             except ValueError:
                 break
-            _report_exit("out-of-order", "while a scope entered inside it was still open")
+            _report_exit("out-of-order", "while a scope entered inside it was still open", scope)
             return
         below = below._base
     _report_exit(
         "foreign-exit",
         "in another context than it was entered in, or after its context was unbound",
+        scope,
     )
 
 
@@ -492,27 +584,40 @@ _reported: set[tuple[str, int]] = set()
 _REPORTED_MAX = 1024
 
 
-def _report_exit(kind: str, how: str, depth: int = 3) -> None:
+def _report_exit(kind: str, how: str, scope: _Scope | None = None) -> None:
     try:
-        # 0 is this function, 1 _exit, 2 __exit__, 3 the frame of the with
-        # statement: where the scope was entered (its exit runs on that line);
-        # from leave(), 2 is the frame that called it.
-        frame = sys._getframe(depth)
-        site = (frame.f_code.co_filename, frame.f_lineno)
-        if site in _reported:
+        # Up past ctxrelay's own exit frames to the frame of the with
+        # statement (where the scope was entered: its exit runs on that line),
+        # or to the caller of leave().
+        frame = sys._getframe(1)
+        while frame.f_code in _EXIT_CODES and frame.f_back is not None:
+            frame = frame.f_back
+        where = (frame.f_code.co_filename, frame.f_lineno)
+        if _strict.STATE.on:
+            entered = getattr(scope, "_site", None) or _strict.site_of(frame)
+            _strict.report(
+                kind,
+                f"a bind()/use() scope was exited {how}; the current context was left as it "
+                "is.  Close the generator that holds it where it runs, or hand the work off "
+                "with ctxrelay.wrap()",
+                entered=entered,
+                exited=_strict.site_of(frame.f_back) if scope is not None else None,
+            )
+            return
+        if where in _reported:
             return
         if len(_reported) < _REPORTED_MAX:
-            _reported.add(site)
+            _reported.add(where)
         _log.warning(
             "ctxrelay: a bind()/use() scope entered at %s:%d (in %s) was exited %s; "
             "the current context was left as it is.  Typical cause: a generator "
             "holding the scope was closed by other code or by the garbage collector; "
             "close it where it runs, or hand the work off with ctxrelay.wrap()",
-            site[0],
-            site[1],
+            where[0],
+            where[1],
             frame.f_code.co_name,
             how,
-            extra={"ctxrelay_report": {"kind": kind, "file": site[0], "line": site[1]}},
+            extra={"ctxrelay_report": {"kind": kind, "file": where[0], "line": where[1]}},
         )
     except Exception:  # reporting must never raise into the host (GC, __exit__)
         pass
@@ -528,7 +633,7 @@ def bind(fields: Mapping[str, str] | None = None, /, **more: str) -> _Scope:
         validate_field(name, value)
     if fields:
         more = {**_validated(fields), **more}
-    return _Bind(more)
+    return _BIND(more)
 
 
 def detached() -> _Scope:
@@ -543,11 +648,27 @@ def detached() -> _Scope:
     ``contextvars.Context``, with no other library's variables either.
     ``bind()`` inside the block binds afresh on top of nothing.
     """
-    return _Use(DETACHED)
+    return _USE(DETACHED)
 
 
 def use(ctx: Context) -> _Scope:
     """Context manager: make ``ctx`` (from :func:`extract`, a message, ...) current."""
     if not isinstance(ctx, Context):
         raise TypeError(f"use() takes a ctxrelay.Context, not {type(ctx).__name__}")
-    return _Use(ctx)
+    return _USE(ctx)
+
+
+# Frames of ctxrelay's own scope exits, skipped to find the with statement.
+_EXIT_CODES = frozenset(
+    {
+        _Scope.__exit__.__code__,
+        _Use.__exit__.__code__,
+        _exit.__code__,
+        _report_exit.__code__,
+        leave.__code__,
+        finish.__code__,
+    }
+)
+
+_strict.set_context_probe(lambda: bool(_CURRENT.get()._fields))
+_strict.on_switch(_switch_strict)

@@ -28,6 +28,8 @@ from ._lifetime import configure_owners, owners, started_by_library
 from ._relay import (
     fork_clean,
     new_relaying_submit,
+    observe_start,
+    observed,
     prepare_start,
     relay_callbacks,
     relayed_task,
@@ -169,14 +171,59 @@ _POOL_METHODS = (
 )  # fmt: skip
 
 
+def _observed_start(previous: Callable[[threading.Thread], None]) -> Callable[..., None]:
+    def start(self: threading.Thread) -> None:
+        observe_start(self, sys._getframe(1))
+        _call(previous, self)
+
+    return start
+
+
+def _observed_submit(previous: Callable[..., Any]) -> Callable[..., Any]:
+    def submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return _call(previous, self, observed(fn, sys._getframe(1)), *args, **kwargs)
+
+    return submit
+
+
+def _observed_run_in_executor(previous: Callable[..., Any]) -> Callable[..., Any]:
+    def run_in_executor(
+        self: asyncio.AbstractEventLoop, executor: Any, func: Callable[..., Any], *args: Any
+    ) -> Any:
+        if executor is None:  # the default pool's submit observes
+            return _call(previous, self, executor, func, *args)
+        return _call(previous, self, executor, observed(func, sys._getframe(1)), *args)
+
+    return run_in_executor
+
+
+# What instrument(relay=False) patches: it only watches hand-offs that lose a
+# context, so that strict mode can name them; nothing is relayed.
+_OBSERVE: list[tuple[str, str, Callable[[Any], Any]]] = [
+    ("threading.Thread", "start", _observed_start),
+    ("concurrent.futures.ThreadPoolExecutor", "submit", _observed_submit),
+    ("asyncio.BaseEventLoop", "run_in_executor", _observed_run_in_executor),
+]
+
+_mode: list[bool] = []  # [relay] while instrumented
+
+
 def instrument(
     *,
+    relay: bool = True,
     library_modules: Iterable[str] | None = None,
     application_modules: Iterable[str] | None = None,
 ) -> None:
     """Patch the standard library so that unchanged code relays the context.
 
     Idempotent and thread-safe; undo with :func:`uninstrument`.
+
+    ``relay=False`` is observe-only: nothing is relayed, but each hand-off
+    (``Thread.start``, ``ThreadPoolExecutor.submit``, ``run_in_executor``)
+    made from inside a request is marked with its place, so that strict mode
+    (:func:`ctxrelay.strict`) reports the hand-offs whose work then logs or
+    calls out with no context -- an audit before turning relay on.  Calling
+    ``instrument()`` with the other ``relay`` switches the mode.
 
     A new thread relays the context of the code that starts it, unless that
     code is a library's (the standard library or an installed package): a
@@ -197,12 +244,22 @@ def instrument(
             known_application if application_modules is None else application_modules,
         )
     with _lock:
-        if _patches:
+        if _patches and _mode == [relay]:
             return
+        _unpatch()
+        _mode[:] = [relay]
         import multiprocessing.pool
         import multiprocessing.process
 
         pool = multiprocessing.pool.Pool
+        if not relay:
+            owners_by_name = {
+                "threading.Thread": threading.Thread,
+                "concurrent.futures.ThreadPoolExecutor": concurrent.futures.ThreadPoolExecutor,
+                "asyncio.BaseEventLoop": asyncio.BaseEventLoop,
+            }
+            _apply([(owners_by_name[owner], name, make) for owner, name, make in _OBSERVE])
+            return
         targets: list[tuple[type, str, Callable[[Any], Any]]] = [
             (threading.Thread, "start", _patched_start),
             (concurrent.futures.ThreadPoolExecutor, "submit", _patched_submit),
@@ -212,42 +269,51 @@ def instrument(
             (pool, "__init__", _patched_pool_init),
         ]
         targets += [(pool, name, _patched_pool_method) for name in _POOL_METHODS]
-        for owner, name, make in targets:
-            previous = owner.__dict__.get(name)
-            if previous is None:  # a Python without it
-                _log.debug("ctxrelay: %s.%s not found; not patched", owner.__qualname__, name)
-                continue
-            patch = make(previous)
-            patch.__wrapped__ = previous
-            patch.__name__ = name
-            patch.__qualname__ = f"{owner.__qualname__}.{name}"
-            patch.__doc__ = previous.__doc__
-            setattr(owner, name, patch)
-            _patches.append((owner, name, previous, patch))
+        _apply(targets)
+
+
+def _apply(targets: list[tuple[type, str, Callable[[Any], Any]]]) -> None:
+    for owner, name, make in targets:
+        previous = owner.__dict__.get(name)
+        if previous is None:  # a Python without it
+            _log.debug("ctxrelay: %s.%s not found; not patched", owner.__qualname__, name)
+            continue
+        patch = make(previous)
+        patch.__wrapped__ = previous
+        patch.__name__ = name
+        patch.__qualname__ = f"{owner.__qualname__}.{name}"
+        patch.__doc__ = previous.__doc__
+        setattr(owner, name, patch)
+        _patches.append((owner, name, previous, patch))
 
 
 def uninstrument() -> None:
     """Undo :func:`instrument` exactly; a no-op when not instrumented."""
     with _lock:
-        while _patches:
-            owner, name, previous, patch = _patches.pop()
-            if owner.__dict__.get(name) is not patch:
-                # Someone patched over us; restoring would drop their patch.
-                _log.warning(
-                    "ctxrelay: %s.%s was patched again after instrument(); leaving it",
-                    owner.__qualname__,
-                    name,
-                )
-                continue
-            setattr(owner, name, previous)
-            # A wrapper instrumented on a subclass after us may have left our
-            # patch behind on it: OpenTelemetry's ThreadingInstrumentor wraps
-            # the inherited Timer.start and its unwrap stores the inner
-            # function (ours) as Timer's own attribute.
-            subclasses: list[type] = owner.__subclasses__()
-            for sub in subclasses:
-                if _holds(sub.__dict__.get(name), patch):
-                    delattr(sub, name)
+        _unpatch()
+
+
+def _unpatch() -> None:
+    _mode.clear()
+    while _patches:
+        owner, name, previous, patch = _patches.pop()
+        if owner.__dict__.get(name) is not patch:
+            # Someone patched over us; restoring would drop their patch.
+            _log.warning(
+                "ctxrelay: %s.%s was patched again after instrument(); leaving it",
+                owner.__qualname__,
+                name,
+            )
+            continue
+        setattr(owner, name, previous)
+        # A wrapper instrumented on a subclass after us may have left our
+        # patch behind on it: OpenTelemetry's ThreadingInstrumentor wraps
+        # the inherited Timer.start and its unwrap stores the inner
+        # function (ours) as Timer's own attribute.
+        subclasses: list[type] = owner.__subclasses__()
+        for sub in subclasses:
+            if _holds(sub.__dict__.get(name), patch):
+                delattr(sub, name)
 
 
 def _holds(attribute: object, patch: object) -> bool:

@@ -36,7 +36,7 @@ import threading
 from collections.abc import Iterable
 from types import FrameType
 
-__all__ = ["configure_owners", "owners", "started_by_library"]
+__all__ = ["configure_owners", "is_library_file", "owners", "started_by_library"]
 
 # How many frames above start() are looked at before deciding "application".
 _MAX_FRAMES = 32
@@ -65,7 +65,8 @@ _verdicts: dict[str, bool] = {}
 _PACKAGE_DIRS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
 
-def _is_library_file(filename: str) -> bool:
+def is_library_file(filename: str) -> bool:
+    """Whether ``filename`` is the standard library's or an installed package's."""
     verdict = _verdicts.get(filename)
     if verdict is not None:
         return verdict
@@ -180,5 +181,5 @@ def started_by_library(frame: FrameType | None, started: object) -> bool:
             return False
         if names.library and _named(module, names.library):
             return True
-        return _is_library_file(frame.f_code.co_filename)
+        return is_library_file(frame.f_code.co_filename)
     return False

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
+from . import _strict
 from ._codec import (
     BAGGAGE,
     TRACEPARENT,
@@ -317,7 +318,10 @@ def inject(headers: MutableMapping[str, str], *, destination: str | None = None)
     try:
         policy = active()
         route, _ = policy.route(destination)
-        out = outgoing(current(), policy, route)
+        ctx = current()
+        if _strict.STATE.on and not ctx:
+            _strict.lost_call(_strict.handoff_site(sys._getframe(1)))
+        out = outgoing(ctx, policy, route)
         _set_missing(headers, out if destination is None else _http_safe(out))
     except Exception:
         _log.exception("ctxrelay: inject() failed; the request goes without context headers")
@@ -349,7 +353,10 @@ def inject_hop(headers: MutableMapping[str, Any], url: str, previous: Sent | Non
                 for name in [n for n in headers if _destination_credential(n, policy)]:
                     _discard(headers, name)
             origin = previous.origin
-        out = _http_safe(outgoing(current(), policy, route, credentials=credentials))
+        ctx = current()
+        if _strict.STATE.on and not ctx and previous is None:
+            _strict.lost_call(_strict.handoff_site(sys._getframe(1)))
+        out = _http_safe(outgoing(ctx, policy, route, credentials=credentials))
         merged: dict[str, str] = {}
         if "cookie" in rebuilt and "cookie" in out:
             # The library rebuilt Cookie from its jar (requests and httpx do

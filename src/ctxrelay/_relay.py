@@ -37,7 +37,8 @@ from concurrent.futures import Executor, Future
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
-from ._context import DETACHED, Context, current, enter
+from . import _strict
+from ._context import DETACHED, Context, current, enter, root_of
 from ._cpython import (
     STDLIB_SUBMIT,
     THREAD_TAKES_CONTEXT,
@@ -55,6 +56,8 @@ __all__ = [
     "Timer",
     "fork_clean",
     "new_relaying_submit",
+    "observe_start",
+    "observed",
     "prepare_start",
     "relay_callbacks",
     "relayed_task",
@@ -386,6 +389,8 @@ def prepare_start(thread: threading.Thread, starter: FrameType | None = None) ->
         context = contextvars.Context()
     else:
         context = _copy_context()
+        if _strict.STATE.on:
+            _note_relayed_thread(thread, starter or sys._getframe(1))
     if THREAD_TAKES_CONTEXT:  # Python 3.14+
         # Pass the capture explicitly, so the thread never inherits (free-
         # threaded builds) or starts empty; a context the caller passed wins.
@@ -401,6 +406,52 @@ def prepare_start(thread: threading.Thread, starter: FrameType | None = None) ->
         return False
     thread.__dict__["run"] = _RelayedRun(thread, context, thread.run)
     return True
+
+
+def _note_relayed_thread(thread: threading.Thread, starter: FrameType) -> None:
+    # Strict mode watches threads that carry a request's context: one that
+    # outlives its request by far is likely a service thread.
+    ctx = current()
+    if ctx and _strict.sample():
+        _strict.note_thread(thread, root_of(ctx), _strict.handoff_site(starter))
+
+
+class _Observed:
+    """Observe-only ``instrument(relay=False)``: ``fn`` runs as it would
+    without ctxrelay (no context), marked with the place of its hand-off, so
+    that strict mode can name that place if the work then logs or calls out."""
+
+    __slots__ = ("fn", "handoff")
+
+    def __init__(self, fn: Callable[..., Any], handoff: _strict.Site) -> None:
+        self.fn = fn
+        self.handoff = handoff
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        token = _strict.LOST_FROM.set(self.handoff)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            with contextlib.suppress(ValueError):
+                _strict.LOST_FROM.reset(token)
+
+
+def observed(fn: Callable[..., Any], starter: FrameType | None) -> Callable[..., Any]:
+    """``fn`` marked for observe-only mode, when a context is lost handing it off."""
+    if not current() or not _strict.sample():
+        return fn  # nothing to lose, or not sampled
+    handoff = _strict.handoff_site(starter)
+    return fn if handoff is None else _Observed(fn, handoff)
+
+
+def observe_start(thread: threading.Thread, starter: FrameType) -> None:
+    """Observe-only ``Thread.start``: mark the thread's ``run`` when a
+    request starts it without relay (a library's own thread is not lost)."""
+    if started_by_library(starter, thread) or isinstance(thread.__dict__.get("run"), _Observed):
+        return
+    run = observed(thread.run, starter)
+    if isinstance(run, _Observed):
+        thread.__dict__["run"] = run
 
 
 def unprepare(thread: threading.Thread) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .. import _policy
-from .._context import REQUEST_ID, enter, leave
+from .._context import REQUEST_ID, begin, finish
 from .._inbound import Door, RequestIdValidator, open_asgi, valid_request_id
 
 __all__ = ["RelayMiddleware", "valid_request_id"]
@@ -96,7 +96,7 @@ class RelayMiddleware:
         ctx = open_asgi(door, scope, plan)
         if self.echo and plan.name_bytes is not None:
             send = _echoing(send, (plan.name_bytes, ctx._fields[REQUEST_ID].encode("latin-1")))
-        token = enter(ctx)
+        token = begin(ctx)
         try:
             await self.app(scope, receive, send)
         except Exception:
@@ -104,7 +104,7 @@ class RelayMiddleware:
                 _log_error(scope)
             raise
         finally:
-            leave(token)
+            finish(token, ctx)
 
 
 def _echoing(send: Send, header: tuple[bytes, bytes]) -> Send:

@@ -90,7 +90,7 @@ from .._carrier import (
     restore,
     with_local,
 )
-from .._context import Context, current, enter, leave
+from .._context import Context, begin, current, enter, leave
 
 __all__ = ["KEY", "TASK_ID", "TASK_PARENT_ID", "TASK_ROOT_ID", "Signer", "install", "uninstall"]
 
@@ -240,7 +240,11 @@ def _on_prerun(sender: object = None, task: Any = None, **_: Any) -> None:
         if task.app not in state.apps:
             return
         request = task.request
-        setattr(request, _TOKEN, enter(_context_for(task, state)))
+        ctx = _context_for(task, state)
+        # An eager task runs inside its caller's context on purpose: only a
+        # worker's task is a unit of work that must start clean.
+        start = enter if getattr(request, "is_eager", False) else begin
+        setattr(request, _TOKEN, start(ctx))
     except Exception:
         _log.exception("ctxrelay: could not bind the context of task %r", sender)
 

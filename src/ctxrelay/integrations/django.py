@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised without Django only
         "ctxrelay.integrations.django needs Django: pip install 'ctxrelay[django]'"
     ) from exc
 
-from .._context import REQUEST_ID, Context, enter, leave
+from .._context import REQUEST_ID, Context, begin, enter, finish, leave
 from .._inbound import Door, open_asgi, open_wsgi
 
 __all__ = ["RelayMiddleware", "door_from_settings"]
@@ -96,20 +96,20 @@ class RelayMiddleware:
         if self._async:
             return self._acall(request)
         ctx = self._open(request)
-        token = enter(ctx)
+        token = begin(ctx)
         try:
             response = self.get_response(request)
         finally:
-            leave(token)
+            finish(token, ctx)
         return self._finish(response, ctx)
 
     async def _acall(self, request: Any) -> Any:
         ctx = self._open(request)
-        token = enter(ctx)
+        token = begin(ctx)
         try:
             response = await self.get_response(request)
         finally:
-            leave(token)
+            finish(token, ctx)
         return self._finish(response, ctx)
 
     def _open(self, request: Any) -> Context:

@@ -53,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
-from .._context import Context, enter, leave
+from .._context import Context, begin, leave
 
 __all__ = ["MESSAGE_ID", "ContextMiddleware", "Signer", "install", "uninstall"]
 
@@ -100,7 +100,7 @@ class ContextMiddleware(Middleware):
             carried = message.options.get(KEY)
             bound_to = binding(message.actor_name, message_id)
             ctx = restore(carried, bound_to, self.signer, source=source)
-            token = enter(with_local(ctx, {MESSAGE_ID: message_id}))
+            token = begin(with_local(ctx, {MESSAGE_ID: message_id}))
             self._tokens().append((message_id, token))
         except Exception:
             _log.exception("ctxrelay: could not bind the context of a Dramatiq message")

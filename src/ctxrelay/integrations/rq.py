@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .._carrier import KEY, Signer, binding, capture, restore, with_local
-from .._context import Context, enter, leave, use
+from .._context import Context, begin, leave, use
 
 #: The RQ releases this module works with (each tested by ``make test-matrix``).
 SUPPORTED = "rq 1.16 to 3.x"
@@ -133,7 +133,7 @@ class RelayWorkerMixin:
 
     def perform_job(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> bool:
         # RQ 3 passes the job's Execution as a third argument; 1.16 and 2.x do not.
-        token = enter(_context_of(job))
+        token = begin(_context_of(job))
         mark = _bound_job.set(job.id)
         try:
             result: bool = super().perform_job(job, queue, *args, **kwargs)  # type: ignore[misc]

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .._context import REQUEST_ID, Context, enter, leave
+from .._context import REQUEST_ID, Context, begin, enter, finish, leave
 from .._inbound import Door, RequestIdValidator, open_wsgi, valid_request_id
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class RelayMiddleware:
         ctx = open_wsgi(self._door, environ)
         if self.echo:
             start_response = _echoing(start_response, self._door.header_name, ctx[REQUEST_ID])
-        token = enter(ctx)
+        token = begin(ctx)
         try:
             body = self.app(environ, start_response)
         except Exception:
@@ -83,7 +83,7 @@ class RelayMiddleware:
                 )
             raise
         finally:
-            leave(token)
+            finish(token, ctx)
         if isinstance(body, (list, tuple)):
             return body  # nothing left to run: no user code in a list
         return BoundBody(body, ctx)
