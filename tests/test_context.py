@@ -651,6 +651,7 @@ def test_the_empty_context_is_the_documented_default() -> None:
     assert current().request is None
 
 
+@pytest.mark.ctxrelay_expect_reports
 def test_a_scope_exited_in_another_context_leaves_that_context_as_it_is(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -91,6 +91,9 @@ from tests import leakhunt_library
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
+# The hunt provokes strict-mode reports on purpose.
+pytestmark = pytest.mark.ctxrelay_expect_reports
+
 #: ``CTXRELAY_LEAK_HUNT=N``: run N examples (longer ones) instead of the quick default.
 HUNT_EXAMPLES = int(os.environ.get("CTXRELAY_LEAK_HUNT") or 0)
 

@@ -30,6 +30,9 @@ from ctxrelay import Context, bind, current, use
 from ctxrelay.integrations.asgi import RelayMiddleware
 from tests.servers import serve_asgi
 
+# These tests provoke strict-mode reports on purpose.
+pytestmark = pytest.mark.ctxrelay_expect_reports
+
 
 def _stream(user: str) -> Generator[str | None, None, None]:
     with bind(user=user, session="cookie-of-" + user):
@@ -112,7 +115,9 @@ def test_a_foreign_exit_is_reported_once_per_place_with_where_it_was_entered(
     for stream in streams:
         _in_request("req-a", next, stream)
         _in_request("req-b", stream.close)
-    reports = [r for r in caplog.records if hasattr(r, "ctxrelay_report")]
+    reports = [
+        r for r in caplog.records if getattr(r, "ctxrelay_report", {}).get("kind") == "foreign-exit"
+    ]
     assert len(reports) == 1
     report = reports[0].__dict__["ctxrelay_report"]
     assert report["kind"] == "foreign-exit"

@@ -25,6 +25,9 @@ import ctxrelay
 from ctxrelay import _strict
 from ctxrelay.integrations.wsgi import RelayMiddleware
 
+# These tests provoke strict-mode reports on purpose.
+pytestmark = pytest.mark.ctxrelay_expect_reports
+
 HERE = __file__
 WAIT = 10.0
 

@@ -157,7 +157,8 @@ class Context(Mapping[str, str]):
     every field again, dropping bad ones with a warning.
     """
 
-    __slots__ = ("_base", "_fields", "_hash", "_request")
+    # __weakref__: strict mode remembers contexts without keeping them alive.
+    __slots__ = ("__weakref__", "_base", "_fields", "_hash", "_request")
 
     _fields: dict[str, str]
     _request: RequestSnapshot | None

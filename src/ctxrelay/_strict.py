@@ -105,12 +105,13 @@ _lock = threading.Lock()
 _switches: list[Callable[[bool], None]] = []
 _reported: set[tuple[Any, ...]] = set()
 _reports: collections.deque[dict[str, Any]] = collections.deque(maxlen=_MAX_REPORTS)
-# id(context) -> (context, where it was bound): the context is held so a
+# id(context) -> (a weak reference to it, where it was bound): weak, so
+# strict mode never keeps a request's context (and its snapshot) alive, and a
 # recycled id never matches; bounded, oldest dropped first.
-_bound: collections.OrderedDict[int, tuple[object, Site]] = collections.OrderedDict()
-# id(context) -> monotonic time its request ended (the door left it).
-_ended: collections.OrderedDict[int, tuple[object, float]] = collections.OrderedDict()
-_threads: list[tuple[weakref.ref[threading.Thread], object, Site]] = []
+_bound: collections.OrderedDict[int, tuple[weakref.ref[Any], Site]] = collections.OrderedDict()
+# id(context) -> (a weak reference to it, monotonic time its request ended).
+_ended: collections.OrderedDict[int, tuple[weakref.ref[Any], float]] = collections.OrderedDict()
+_threads: list[tuple[weakref.ref[threading.Thread], weakref.ref[Any], Site]] = []
 _watchdog: threading.Thread | None = None
 
 
@@ -246,7 +247,7 @@ def note_bound(ctx: object, place: Site | None) -> None:
     if place is None:
         return
     with _lock:
-        _bound[id(ctx)] = (ctx, place)
+        _bound[id(ctx)] = (weakref.ref(ctx), place)
         if len(_bound) > _MAX_BOUND:
             _bound.popitem(last=False)
 
@@ -254,13 +255,13 @@ def note_bound(ctx: object, place: Site | None) -> None:
 def bound_at(ctx: object) -> Site | None:
     """Where strict mode saw ``ctx`` bound, if it did."""
     entry = _bound.get(id(ctx))
-    return entry[1] if entry is not None and entry[0] is ctx else None
+    return entry[1] if entry is not None and entry[0]() is ctx else None
 
 
 def note_ended(ctx: object) -> None:
     """The request (or task) that bound ``ctx`` ended now."""
     with _lock:
-        _ended[id(ctx)] = (ctx, time.monotonic())
+        _ended[id(ctx)] = (weakref.ref(ctx), time.monotonic())
         if len(_ended) > _MAX_BOUND:
             _ended.popitem(last=False)
 
@@ -274,7 +275,7 @@ def note_thread(thread: threading.Thread, ctx: object, place: Site | None) -> No
             _threads[:] = [t for t in _threads if t[0]() is not None]
             if len(_threads) >= _MAX_THREADS:
                 return
-        _threads.append((weakref.ref(thread), ctx, place))
+        _threads.append((weakref.ref(thread), weakref.ref(ctx), place))
 
 
 def threads_with_context() -> list[threading.Thread]:
@@ -291,9 +292,10 @@ def check_threads(now: float | None = None) -> None:
         alive = [t for t in _threads if (t[0]() or _DEAD).is_alive()]
         _threads[:] = alive
         stale = []
-        for ref, ctx, place in alive:
-            ended = _ended.get(id(ctx))
-            if ended is not None and ended[0] is ctx and now - ended[1] >= STATE.thread_age:
+        for ref, ctx_ref, place in alive:
+            ctx = ctx_ref()
+            ended = _ended.get(id(ctx)) if ctx is not None else None
+            if ended is not None and ended[0]() is ctx and now - ended[1] >= STATE.thread_age:
                 stale.append((ref(), place))
     for thread, place in stale:
         name = thread.name if thread is not None else "?"

@@ -34,6 +34,9 @@ from django.core.wsgi import get_wsgi_application  # type: ignore[import-untyped
 import ctxrelay
 from tests.integrations.django_app.views import BOX
 
+# These tests provoke strict-mode reports on purpose.
+pytestmark = pytest.mark.ctxrelay_expect_reports
+
 HEADER = "x-correlation-id"  # from settings.CTXRELAY
 
 
