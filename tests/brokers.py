@@ -43,6 +43,8 @@ __all__ = [
     "REDIS_DATABASES",
     "WorkerProcess",
     "flush_redis",
+    "need_mqtt",
+    "need_nats",
     "need_rabbitmq",
     "need_redis",
     "need_redis_server",
@@ -58,6 +60,8 @@ REDIS_PORT = int(_port)
 
 #: The Redis databases the suite may use, and who uses each.
 REDIS_DATABASES = {
+    7: "tests/integrations/test_arq.py",
+    8: "tests/integrations/test_taskiq.py",
     9: "tests/test_demo.py",
     10: "tests/integrations/test_celery_revoke.py",
     11: "tests/integrations/test_celery.py",
@@ -73,6 +77,8 @@ OWNER_KEY = "ctxrelay-tests:owner"
 _HOW = {
     "Redis": f"redis-server --daemonize yes --bind 127.0.0.1 --port {REDIS_PORT} --save ''",
     "RabbitMQ": "rabbitmq-server -detached",
+    "NATS": "nats-server --jetstream --addr 127.0.0.1 --port 4222 &",
+    "MQTT": "mosquitto -d -p 1883",
 }
 
 
@@ -161,6 +167,20 @@ def need_rabbitmq() -> str:
     """The RabbitMQ URL; skip (or fail on CI) if it is down."""
     _need("RabbitMQ", "127.0.0.1", 5672)
     return RABBITMQ_URL
+
+
+def need_nats() -> str:
+    """The NATS URL (a server with JetStream on 127.0.0.1:4222); skip (or
+    fail on CI) if it is down."""
+    _need("NATS", "127.0.0.1", 4222)
+    return "nats://127.0.0.1:4222"
+
+
+def need_mqtt() -> tuple[str, int]:
+    """(host, port) of the MQTT broker on 127.0.0.1:1883; skip (or fail on
+    CI) if it is down."""
+    _need("MQTT", "127.0.0.1", 1883)
+    return "127.0.0.1", 1883
 
 
 def wait_until(ready: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -73,6 +73,7 @@ INTEGRATIONS = {
     "httpx": ["async_request_hook", "install", "request_hook", "uninstall"],
     "aiohttp": ["trace_config"],
     "aiohttp_server": ["RelayMiddleware", "setup"],
+    "nats": ["KEY", "Signer", "bound", "context_of", "install", "uninstall"],
     "logging": [
         "ContextFilter", "DEFAULT", "DEFAULT_FORMAT", "FrozenFields", "REQUEST_ATTRIBUTES",
         "install", "setup", "uninstall",
