@@ -80,6 +80,10 @@ INTEGRATIONS = {
     ],
     "structlog": ["MergeContext", "merge_context"],
     "loguru": ["ContextPatcher", "patcher"],
+    "grpc": [
+        "AioServerInterceptor", "ClientInterceptor", "ServerInterceptor", "aio_client_interceptors",
+        "destination_of",
+    ],
     "reactivex": ["RelayScheduler", "install", "installed", "uninstall"],
 }  # fmt: skip
 

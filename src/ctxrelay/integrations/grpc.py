@@ -1,0 +1,1060 @@
+"""gRPC (``grpcio``, sync and ``grpc.aio``): client and server interceptors.
+
+Client side, the current context travels as outgoing metadata, by policy::
+
+    channel = grpc.intercept_channel(
+        grpc.insecure_channel("orders.internal:50051"),
+        ClientInterceptor("orders.internal:50051"),
+    )
+    channel = grpc.aio.insecure_channel(
+        "orders.internal:50051",
+        interceptors=aio_client_interceptors("orders.internal:50051"),
+    )
+
+The channel's target is the destination the policy routes: ``host:port``
+becomes ``grpc://host:port`` (``grpcs://`` with ``secure=True``), see
+:func:`destination_of`.  Metadata the caller set wins; a value that is not
+valid gRPC ASCII metadata is left out with a warning (grpcio would fail the
+whole call on it).
+
+Server side, each call is a door, as a web request is::
+
+    server = grpc.server(pool, interceptors=[ServerInterceptor()])
+    server = grpc.aio.server(interceptors=[AioServerInterceptor()])
+
+The interceptor does not bind anything itself: grpcio runs the handler later,
+elsewhere -- on the server's thread pool, in the call's asyncio task, or for
+a sync handler on an aio server in an executor thread that copies no context
+-- so a value set in ``intercept_service`` is not what the handler sees
+(grpc #37881, #41863).  It wraps the handler's behaviour functions instead,
+and binds inside them, where the handler runs: the request id (validated or
+generated, by the HTTP door's rule), the fields ``extract`` reads from the
+metadata (baggage only from a trusted peer), a ``RequestSnapshot``.  The
+context is reset by token on every outcome -- return, ``abort``, exception,
+cancellation -- and for every arity.  The request id is echoed in the
+initial metadata.
+
+Deadlines (issue 13, not in ctxrelay yet) will map here both ways: the server
+binds ``context.time_remaining()``, the client passes ``min(remaining, its
+own timeout)`` as the call's ``timeout``.  See the two ``# Deadlines`` notes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, NoReturn
+from urllib.parse import unquote
+
+import grpc
+import grpc.aio
+
+from .. import _policy
+from .._context import REQUEST_ID, Context, current, enter, leave
+from .._escape import log_text
+from .._inbound import Door, RequestIdValidator, open_asgi
+from .._outbound import outgoing
+from .._policy import Policy, Route
+from .._request import CONTROL, MAX_HEADER_BYTES
+
+__all__ = [
+    "AioServerInterceptor",
+    "ClientInterceptor",
+    "ServerInterceptor",
+    "aio_client_interceptors",
+    "destination_of",
+]
+
+_log = logging.getLogger("ctxrelay.grpc")
+
+Behavior = Callable[..., Any]
+
+# What the snapshot says of every call: gRPC is an HTTP/2 POST to the
+# method's path; the scheme names the protocol, not the transport security.
+_METHOD = "POST"
+_SCHEME = "grpc"
+# gRPC's own default port when a target names none (the "https" port).
+_DEFAULT_PORT = 443
+
+
+# -- the destination of a channel ----------------------------------------------
+def destination_of(target: str, *, secure: bool = False) -> str:
+    """The URL-like destination the policy routes for a channel ``target``.
+
+    ``host:port``, ``dns:///host:port``, ``dns://resolver/host:port``,
+    ``ipv4:10.0.0.1:50051``, ``ipv6:[::1]:50051``, ``[::1]:50051`` and
+    ``xds:///name`` (any ``scheme:///endpoint``) become
+    ``grpc://host:port`` -- ``grpcs://`` when ``secure`` (a channel with TLS
+    credentials).  A target without a port gets gRPC's default, 443.  Routes
+    match it like a URL: ``Policy.Route(hosts=..., schemes={"grpcs"})``.
+
+    A target with no single host -- a Unix socket (``unix:``,
+    ``unix-abstract:``), a ``vsock:``, a list of addresses
+    (``ipv4:10.0.0.1,10.0.0.2``) or anything unreadable -- gives a
+    destination no route matches (``grpc:``): the policy's ``foreign``
+    route, the request id and trace only.  Pass ``destination=`` to the
+    interceptor to route those.
+    """
+    scheme = "grpcs" if secure else "grpc"
+    nowhere = f"{scheme}:"
+    text = target.strip()
+    lowered = text.lower()
+    if lowered.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return nowhere
+    if lowered.startswith(("ipv4:", "ipv6:")):
+        endpoint = unquote(text[5:])  # grpc writes ipv6:%5B::1%5D:5000 in peers
+        if "," in endpoint:
+            return nowhere  # several hosts: no one route speaks for all of them
+    elif lowered.startswith("dns:") and not lowered.startswith("dns://"):
+        endpoint = text[4:]  # dns:host:port
+    elif "://" in text:
+        # scheme://authority/endpoint: the authority is the resolver's (a DNS
+        # server for dns://8.8.8.8/host), the endpoint is where calls go.
+        endpoint = text.partition("://")[2].partition("/")[2]
+    else:
+        endpoint = text
+    host, port = _host_port(endpoint)
+    if not host or any(c in host for c in "/?#@ \t") or port is None:
+        return nowhere
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def _host_port(endpoint: str) -> tuple[str, int | None]:
+    """``host`` and port of ``host[:port]`` or ``[v6][:port]``; port None if malformed."""
+    if endpoint.startswith("["):
+        host, _, rest = endpoint[1:].partition("]")
+        if not rest:
+            return host, _DEFAULT_PORT
+        if not rest.startswith(":"):
+            return host, None
+        return host, _port(rest[1:])
+    if endpoint.count(":") > 1:
+        return endpoint, _DEFAULT_PORT  # a bare IPv6 address: no port to read
+    host, sep, port = endpoint.partition(":")
+    return host, _port(port) if sep else _DEFAULT_PORT
+
+
+def _port(text: str) -> int | None:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        return None
+    return int(text)
+
+
+# -- client: the context as outgoing metadata ----------------------------------
+class _Outbound:
+    """What one channel's calls carry: its destination, the route per policy."""
+
+    __slots__ = ("_memo", "destination")
+
+    def __init__(self, destination: str) -> None:
+        self.destination = destination
+        self._memo: tuple[Policy | None, Route | None] = (None, None)
+
+    def added(self, existing: Iterable[tuple[str, object]] | None) -> list[tuple[str, str]]:
+        """The metadata the current context adds to ``existing``.
+
+        Keys the caller set (compared lowercase) are left alone; a value that
+        is not valid gRPC ASCII metadata (printable ASCII, no tab) is left
+        out with a warning -- grpcio would fail the call on it.  Never raises.
+        """
+        try:
+            policy = _policy.STATE.policy
+            memo_policy, route = self._memo
+            if memo_policy is not policy or route is None:
+                route = policy.route(self.destination)[0]
+                self._memo = (policy, route)
+            out = outgoing(current(), policy, route)
+            if not out:
+                return []
+            present = {str(key).lower() for key, _ in existing} if existing else ()
+            added: list[tuple[str, str]] = []
+            unsent: list[str] = []
+            for name, value in out.items():
+                if name in present:
+                    continue  # explicit wins
+                if (
+                    value.isascii()
+                    and value.isprintable()
+                    and not name.endswith("-bin")  # binary by name: grpcio wants bytes
+                    and not name.startswith("grpc-")  # reserved for gRPC itself
+                ):
+                    added.append((name, value))
+                else:
+                    unsent.append(name)
+            if unsent:
+                _log.warning(
+                    "ctxrelay: metadata not sent to %s (not valid gRPC ASCII metadata): %s",
+                    self.destination,
+                    unsent,
+                )
+            return added
+        except Exception:
+            _log.exception("ctxrelay: the gRPC call goes without context metadata")
+            return []
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    """A sync call's details with the context's metadata added."""
+
+
+def _sync_details(outbound: _Outbound, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+    existing = details.metadata
+    added = outbound.added(existing)
+    # Deadlines (issue 13): the timeout will become min(remaining, details.timeout).
+    if not added:
+        return details
+    return _CallDetails(
+        details.method,
+        details.timeout,
+        (*(existing or ()), *added),
+        details.credentials,
+        getattr(details, "wait_for_ready", None),
+        getattr(details, "compression", None),
+    )
+
+
+def _resolve(target: str | None, secure: bool, destination: str | None) -> str:
+    if destination is not None:
+        if not isinstance(destination, str):
+            raise TypeError("destination must be a str (a URL such as grpcs://host:port)")
+        return destination
+    if not isinstance(target, str) or not target:
+        raise TypeError("give the channel's target (host:port) or a destination URL")
+    return destination_of(target, secure=secure)
+
+
+class ClientInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the current context to every call of a sync channel, by policy.
+
+    ``grpc.intercept_channel(channel, ClientInterceptor(target))``, with the
+    ``target`` the channel was made for (``"orders.internal:50051"``):
+    :func:`destination_of` maps it to the ``grpc://host:port`` the policy
+    routes (``secure=True``: ``grpcs://``).  ``destination=`` gives the URL
+    yourself.  The metadata is computed when the call starts, from the
+    context current in the calling thread.
+    """
+
+    def __init__(
+        self, target: str | None = None, *, secure: bool = False, destination: str | None = None
+    ) -> None:
+        self._outbound = _Outbound(_resolve(target, secure, destination))
+
+    @property
+    def destination(self) -> str:
+        """The destination the policy routes for this channel."""
+        return self._outbound.destination
+
+    def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
+        return continuation(_sync_details(self._outbound, client_call_details), request)
+
+    def intercept_unary_stream(
+        self, continuation: Any, client_call_details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
+        return continuation(_sync_details(self._outbound, client_call_details), request)
+
+    def intercept_stream_unary(
+        self, continuation: Any, client_call_details: grpc.ClientCallDetails, request_iterator: Any
+    ) -> Any:
+        return continuation(_sync_details(self._outbound, client_call_details), request_iterator)
+
+    def intercept_stream_stream(
+        self, continuation: Any, client_call_details: grpc.ClientCallDetails, request_iterator: Any
+    ) -> Any:
+        return continuation(_sync_details(self._outbound, client_call_details), request_iterator)
+
+
+def _aio_details(
+    outbound: _Outbound, details: grpc.aio.ClientCallDetails
+) -> grpc.aio.ClientCallDetails:
+    existing = details.metadata
+    added = outbound.added(existing)
+    # Deadlines (issue 13): the timeout will become min(remaining, details.timeout).
+    if not added:
+        return details
+    # A new Metadata: the caller's own object may be reused for other calls.
+    metadata = grpc.aio.Metadata(*(existing or ()), *added)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _AioUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    __slots__ = ("_outbound",)
+
+    def __init__(self, outbound: _Outbound) -> None:
+        self._outbound = outbound
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(_aio_details(self._outbound, client_call_details), request)
+
+
+class _AioUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    __slots__ = ("_outbound",)
+
+    def __init__(self, outbound: _Outbound) -> None:
+        self._outbound = outbound
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(_aio_details(self._outbound, client_call_details), request)
+
+
+class _AioStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    __slots__ = ("_outbound",)
+
+    def __init__(self, outbound: _Outbound) -> None:
+        self._outbound = outbound
+
+    async def intercept_stream_unary(
+        self,
+        continuation: Any,
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
+        return await continuation(
+            _aio_details(self._outbound, client_call_details), request_iterator
+        )
+
+
+class _AioStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    __slots__ = ("_outbound",)
+
+    def __init__(self, outbound: _Outbound) -> None:
+        self._outbound = outbound
+
+    async def intercept_stream_stream(
+        self,
+        continuation: Any,
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
+        return await continuation(
+            _aio_details(self._outbound, client_call_details), request_iterator
+        )
+
+
+def aio_client_interceptors(
+    target: str | None = None, *, secure: bool = False, destination: str | None = None
+) -> list[grpc.aio.ClientInterceptor]:
+    """The four interceptors of a ``grpc.aio`` channel, one per arity.
+
+    ``grpc.aio.insecure_channel(target, interceptors=aio_client_interceptors(target))``.
+    A ``grpc.aio`` channel files each interceptor under the first arity it
+    implements, so one object cannot serve all four: this returns four that
+    share one destination (see :class:`ClientInterceptor` for ``target``,
+    ``secure`` and ``destination``).  The metadata is computed in the task
+    grpc.aio starts for the call, which copies the caller's context when
+    the call is made.
+    """
+    outbound = _Outbound(_resolve(target, secure, destination))
+    return [
+        _AioUnaryUnary(outbound),
+        _AioUnaryStream(outbound),
+        _AioStreamUnary(outbound),
+        _AioStreamStream(outbound),
+    ]
+
+
+# -- server: the door ----------------------------------------------------------
+# Peers as grpc writes them ("ipv4:127.0.0.1:5000", "ipv6:%5B::1%5D:5000"),
+# read once: a connection's calls all bring the same string.  Bounded.
+_peers: dict[str, tuple[str, int] | None] = {}
+_PEERS_MAX = 1024
+# The server address is not known to a handler: the snapshot's host is "".
+_NO_SERVER = ("", None)
+
+
+def _peer(text: object) -> tuple[str, int] | None:
+    """``context.peer()`` as an ASGI ``client`` pair, or None (no host).
+
+    The door formats it with ``format_peer`` (``[::1]:5000``), the one
+    peer format ``Policy.trusted_peers`` reads.
+    """
+    if not isinstance(text, str):
+        return None
+    try:
+        return _peers[text]
+    except KeyError:
+        pass
+    kind, _, address = text.partition(":")
+    peer: tuple[str, int] | None = None
+    if kind == "ipv4":
+        host, _, port = address.rpartition(":")
+        peer = (host, int(port)) if host and port.isdigit() else None
+    elif kind == "ipv6":
+        address = unquote(address)  # grpc writes the brackets as %5B and %5D
+        if address.startswith("["):
+            host, _, rest = address[1:].partition("]")
+            port = rest[1:]
+            peer = (host, int(port)) if host and rest[:1] == ":" and port.isdigit() else None
+    # A Unix socket or anything else has no host a policy could name: None.
+    if len(_peers) >= _PEERS_MAX:
+        _peers.clear()
+    _peers[text] = peer
+    return peer
+
+
+# The metadata names the door reads, per policy: the request id's,
+# captured ones, trace context, baggage.
+_watched_memo: tuple[object, frozenset[str]] = (None, frozenset())
+
+
+def _watched(plan_policy: Policy, name: str) -> frozenset[str]:
+    global _watched_memo
+    key = (plan_policy, name)
+    memo_key, names = _watched_memo
+    if memo_key != key:
+        names = frozenset({name, "traceparent", "tracestate", "baggage", *plan_policy.capture})
+        _watched_memo = (key, names)
+    return names
+
+
+# Hostile metadata is reported once per (kind, name), as a warning; every
+# occurrence is a debug line.  Bounded: the names are the door's own.
+_reported: set[tuple[str, str]] = set()
+_REPORTED_MAX = 256
+
+
+def _refuse(kind: str, name: str) -> None:
+    _log.debug("ctxrelay: gRPC metadata %r dropped: %s", name, kind)
+    if (kind, name) in _reported or len(_reported) >= _REPORTED_MAX:
+        return
+    _reported.add((kind, name))
+    _log.warning(
+        "ctxrelay: dropped inbound gRPC metadata %r: %s (reported once per name and kind)",
+        name,
+        kind,
+    )
+
+
+def _open(door: Door, context: Any, method: str) -> Context:
+    """The context for one call; never raises.
+
+    gRPC is HTTP/2: a call is a ``POST`` to the method's path, its metadata
+    the request's headers.  So the call goes through the web door itself
+    (``open_asgi``, as an ``http`` scope): one rule for the request id
+    (the first inbound one when valid, else a new one), for what
+    ``extract`` reads (baggage only from a trusted peer) and for the
+    snapshot, and the door's one-pass hot path.  A ``-bin`` value is binary
+    (grpc hands it over decoded, as ``bytes``): never a field nor a
+    snapshot header.  Hostile values under the names the door reads are
+    dropped by the door's rules, and reported here once per name and kind.
+    """
+    raw_id: object = None
+    try:
+        plan = door.current_plan
+        if plan.policy is not _policy.STATE.policy:  # Door.plan(), inlined: runs per call
+            plan = door.plan()
+        name = plan.name
+        watched = _watched(plan.policy, name)
+        pairs: list[tuple[bytes, bytes]] = []
+        for key, value in context.invocation_metadata() or ():
+            if type(value) is not str or type(key) is not str:
+                if isinstance(key, str) and key.endswith("-bin") and key[:-4] in watched:
+                    _refuse("a binary (-bin) value under a name ctxrelay reads as text", key)
+                continue
+            if key in watched:
+                if key == name:
+                    if raw_id is None:
+                        raw_id = value
+                    else:
+                        _refuse("repeated; the first one counts", key)
+                if len(value) > MAX_HEADER_BYTES:
+                    _refuse(f"a value over {MAX_HEADER_BYTES} bytes", key)
+                elif CONTROL.search(value):
+                    # grpc-core passes CR, LF and NUL through from a raw HTTP/2 client.
+                    _refuse("control characters", key)
+            try:
+                pairs.append((key.encode("latin-1"), value.encode("latin-1")))
+            except UnicodeEncodeError:
+                # grpc decoded UTF-8: back to the bytes that came in, which the
+                # door reads as it reads an HTTP header's (latin-1).
+                pairs.append((key.encode("utf-8", "replace"), value.encode("utf-8", "replace")))
+        scope = {
+            "type": "http",
+            "method": _METHOD,
+            "scheme": _SCHEME,
+            "path": method,
+            "query_string": b"",
+            "headers": pairs,
+            "client": _peer(context.peer()),
+            "server": _NO_SERVER,
+        }
+        return open_asgi(door, scope, plan)
+    except Exception:
+        _log.warning("ctxrelay: could not read a gRPC call's metadata", exc_info=True)
+        return door.fallback(raw_id)
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # Sync grpcio's abort() raises a bare Exception(); grpc.aio's (and a sync
+    # handler's on an aio server) raises AbortError.
+    return isinstance(exc, grpc.aio.AbortError) or (type(exc) is Exception and not exc.args)
+
+
+def _log_failure(exc: BaseException, method: str, log_errors: bool) -> None:
+    # Logged while the call's context is still bound, so the line carries
+    # its request id (grpcio's own line is written after the reset).
+    if log_errors and not _is_abort(exc):
+        _log.error("unhandled exception in gRPC method %s", log_text(method), exc_info=exc)
+
+
+# -- server: the echo ------------------------------------------------------------
+def _merged(initial_metadata: Any, echo: tuple[tuple[str, str], ...]) -> tuple[Any, ...]:
+    lines = tuple(initial_metadata or ())
+    name = echo[0][0]
+    for key, _ in lines:
+        if isinstance(key, str) and key.lower() == name:
+            return lines  # an id the handler sent itself wins
+    return (*lines, *echo)
+
+
+class _Echo(grpc.ServicerContext):
+    """The servicer context a sync handler sees: the call's own, with the
+    request id added to its initial metadata.
+
+    ``send_initial_metadata`` is one-shot, so ctxrelay never sends first: a
+    handler that sends its own gets the id merged into it (its own id
+    wins); otherwise ctxrelay sends it at the last moment -- before the
+    first streamed message, the unary response, an abort or an error
+    status.  Everything else is the call's own context.
+    """
+
+    def __init__(self, context: Any, echo: tuple[tuple[str, str], ...]) -> None:
+        self._context = context
+        self._echo = echo
+        self.pending = True
+
+    def flush(self) -> None:
+        """Send the id now if nothing was sent yet; never raises."""
+        if self.pending:
+            self.pending = False
+            try:
+                self._context.send_initial_metadata(self._echo)
+            except Exception as exc:  # the call ended, or metadata went out already
+                _log.debug("ctxrelay: request id not echoed: %r", exc)
+
+    def send_initial_metadata(self, initial_metadata: Any) -> None:
+        if self.pending:
+            self.pending = False
+            initial_metadata = _merged(initial_metadata, self._echo)
+        self._context.send_initial_metadata(initial_metadata)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        self.flush()
+        self._context.abort(code, details)
+        raise AssertionError("abort() returned")  # pragma: no cover - grpc raises
+
+    def abort_with_status(self, status: Any) -> NoReturn:
+        self.flush()
+        self._context.abort_with_status(status)
+        raise AssertionError("abort_with_status() returned")  # pragma: no cover
+
+    # The rest is the call's own context.
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def peer(self) -> str:
+        return self._context.peer()  # type: ignore[no-any-return]
+
+    def peer_identities(self) -> Any:
+        return self._context.peer_identities()
+
+    def peer_identity_key(self) -> Any:
+        return self._context.peer_identity_key()
+
+    def auth_context(self) -> Any:
+        return self._context.auth_context()
+
+    def set_compression(self, compression: Any) -> None:
+        self._context.set_compression(compression)
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._context.set_trailing_metadata(trailing_metadata)
+
+    def trailing_metadata(self) -> Any:
+        return self._context.trailing_metadata()
+
+    def set_code(self, code: Any) -> None:
+        self._context.set_code(code)
+
+    def code(self) -> Any:
+        return self._context.code()
+
+    def set_details(self, details: Any) -> None:
+        self._context.set_details(details)
+
+    def details(self) -> Any:
+        return self._context.details()
+
+    def disable_next_message_compression(self) -> None:
+        self._context.disable_next_message_compression()
+
+    def is_active(self) -> bool:
+        return self._context.is_active()  # type: ignore[no-any-return]
+
+    def time_remaining(self) -> Any:
+        return self._context.time_remaining()
+
+    def cancel(self) -> Any:
+        return self._context.cancel()
+
+    def add_callback(self, callback: Any) -> Any:
+        return self._context.add_callback(callback)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class _AioEcho(grpc.aio.ServicerContext):  # type: ignore[type-arg]
+    """:class:`_Echo` for a ``grpc.aio`` handler (its I/O methods are coroutines)."""
+
+    def __init__(self, context: Any, echo: tuple[tuple[str, str], ...]) -> None:
+        self._context = context
+        self._echo = echo
+        self.pending = True
+
+    async def flush(self) -> None:
+        """Send the id now if nothing was sent yet; never raises."""
+        if self.pending:
+            self.pending = False
+            try:
+                await self._context.send_initial_metadata(self._echo)
+            except Exception as exc:  # the call ended, or metadata went out already
+                _log.debug("ctxrelay: request id not echoed: %r", exc)
+
+    async def send_initial_metadata(self, initial_metadata: Any) -> None:
+        if self.pending:
+            self.pending = False
+            initial_metadata = _merged(initial_metadata, self._echo)
+        await self._context.send_initial_metadata(initial_metadata)
+
+    async def write(self, message: Any) -> None:
+        if self.pending:
+            await self.flush()
+        await self._context.write(message)
+
+    async def read(self) -> Any:
+        return await self._context.read()
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> NoReturn:
+        # grpc.aio sends the status inside abort(): the id goes first.
+        await self.flush()
+        await self._context.abort(code, details, trailing_metadata)
+        raise AssertionError("abort() returned")  # pragma: no cover - grpc raises
+
+    async def abort_with_status(self, status: Any) -> NoReturn:
+        await self.flush()
+        await self._context.abort_with_status(status)
+        raise AssertionError("abort_with_status() returned")  # pragma: no cover
+
+    # The rest is the call's own context.
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def peer(self) -> str:
+        return self._context.peer()  # type: ignore[no-any-return]
+
+    def peer_identities(self) -> Any:
+        return self._context.peer_identities()
+
+    def peer_identity_key(self) -> Any:
+        return self._context.peer_identity_key()
+
+    def auth_context(self) -> Any:
+        return self._context.auth_context()
+
+    def set_compression(self, compression: Any) -> None:
+        self._context.set_compression(compression)
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._context.set_trailing_metadata(trailing_metadata)
+
+    def trailing_metadata(self) -> Any:
+        return self._context.trailing_metadata()
+
+    def set_code(self, code: Any) -> None:
+        self._context.set_code(code)
+
+    def code(self) -> Any:
+        return self._context.code()
+
+    def set_details(self, details: Any) -> None:
+        self._context.set_details(details)
+
+    def details(self) -> Any:
+        return self._context.details()
+
+    def disable_next_message_compression(self) -> None:
+        self._context.disable_next_message_compression()
+
+    def time_remaining(self) -> Any:
+        return self._context.time_remaining()
+
+    def add_done_callback(self, callback: Any) -> None:
+        self._context.add_done_callback(callback)
+
+    def cancelled(self) -> bool:
+        return self._context.cancelled()  # type: ignore[no-any-return]
+
+    def done(self) -> bool:
+        return self._context.done()  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+# -- server: the wrapped behaviours ------------------------------------------------
+class _Settings:
+    """One server interceptor's door and options, shared by its behaviours."""
+
+    __slots__ = ("door", "echo", "log_errors")
+
+    def __init__(self, door: Door, echo: bool, log_errors: bool) -> None:
+        self.door = door
+        self.echo = echo
+        self.log_errors = log_errors
+
+    def open(self, context: Any, method: str) -> tuple[Context, tuple[tuple[str, str], ...]]:
+        ctx = _open(self.door, context, method)
+        rid = ctx.get(REQUEST_ID) or ""
+        return ctx, ((self.door.current_plan.name, rid),)
+
+
+def _sync_unary(settings: _Settings, behavior: Behavior, method: str) -> Behavior:
+    def relay_unary(request: Any, context: Any, *more: Any) -> Any:
+        ctx, echo = settings.open(context, method)
+        # Deadlines (issue 13): bind context.time_remaining() here too.
+        relay = _Echo(context, echo) if settings.echo else None
+        token = enter(ctx)
+        try:
+            response = behavior(request, relay or context, *more)
+            if relay is not None:
+                relay.flush()
+            return response
+        except Exception as exc:
+            _log_failure(exc, method, settings.log_errors)
+            if relay is not None:
+                relay.flush()  # sync grpcio sends the error status after we return
+            raise
+        finally:
+            leave(token)
+
+    return relay_unary
+
+
+def _sync_stream(settings: _Settings, behavior: Behavior, method: str) -> Behavior:
+    def relay_stream(request: Any, context: Any, *more: Any) -> Any:
+        ctx, echo = settings.open(context, method)
+        # Deadlines (issue 13): bind context.time_remaining() here too.
+        relay = _Echo(context, echo) if settings.echo else None
+        # The stream runs in a context of its own, entered for each step: the
+        # handler's generator keeps one context across its yields (its own
+        # bind() scopes hold), and nothing is bound on the thread between
+        # steps -- a stream the server abandons (client cancelled) leaves
+        # nothing behind, whichever thread or contextvars.Context grpc runs
+        # it in (per call since grpcio 1.60, the pool thread's own before).
+        run = contextvars.copy_context()
+        token = run.run(enter, ctx)
+        try:
+            iterator = run.run(behavior, request, relay or context, *more)
+        except Exception as exc:
+            # No echo here: on an aio server this runs on the event loop,
+            # where a sync context's blocking send would deadlock.
+            run.run(_log_failure, exc, method, settings.log_errors)
+            run.run(leave, token)
+            raise
+        if more:  # experimental_non_blocking: it sends through a callback, later
+            run.run(leave, token)
+            return iterator
+        return _steps(run, token, iterator, relay, method, settings.log_errors)
+
+    return relay_stream
+
+
+def _steps(
+    run: contextvars.Context,
+    token: Any,
+    iterator: Any,
+    relay: _Echo | None,
+    method: str,
+    log_errors: bool,
+) -> Iterator[Any]:
+    """The handler's stream, each step run in the stream's own context."""
+    try:
+        while True:
+            try:
+                item = run.run(next, iterator)
+            except StopIteration:
+                break
+            except Exception as exc:
+                run.run(_log_failure, exc, method, log_errors)
+                if relay is not None:
+                    relay.flush()
+                raise
+            if relay is not None and relay.pending:
+                relay.flush()
+            yield item
+        if relay is not None:
+            relay.flush()  # an empty stream still echoes
+    finally:
+        # Also when grpc drops the stream (client cancelled) and this
+        # generator is closed: the handler's generator is closed in its own
+        # context, so its scopes exit where they were entered.
+        try:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                run.run(close)
+        finally:
+            run.run(leave, token)
+
+
+def _aio_unary(settings: _Settings, behavior: Behavior, method: str) -> Behavior:
+    async def relay_unary(request: Any, context: Any) -> Any:
+        ctx, echo = settings.open(context, method)
+        # Deadlines (issue 13): bind context.time_remaining() here too.
+        relay = _AioEcho(context, echo) if settings.echo else None
+        token = enter(ctx)
+        try:
+            response = await behavior(request, relay or context)
+            if relay is not None:
+                await relay.flush()
+            return response
+        except Exception as exc:
+            _log_failure(exc, method, settings.log_errors)
+            if relay is not None:
+                await relay.flush()
+            raise
+        finally:
+            leave(token)
+
+    return relay_unary
+
+
+def _aio_writer(settings: _Settings, behavior: Behavior, method: str) -> Behavior:
+    # A streaming handler that is a coroutine: it writes with context.write().
+    async def relay_writer(request: Any, context: Any) -> None:
+        ctx, echo = settings.open(context, method)
+        relay = _AioEcho(context, echo) if settings.echo else None
+        token = enter(ctx)
+        try:
+            await behavior(request, relay or context)
+            if relay is not None:
+                await relay.flush()  # nothing written: still echoed
+        except Exception as exc:
+            _log_failure(exc, method, settings.log_errors)
+            if relay is not None:
+                await relay.flush()
+            raise
+        finally:
+            leave(token)
+
+    return relay_writer
+
+
+def _aio_stream(settings: _Settings, behavior: Behavior, method: str) -> Behavior:
+    async def relay_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        ctx, echo = settings.open(context, method)
+        relay = _AioEcho(context, echo) if settings.echo else None
+        task = asyncio.current_task()
+        token = enter(ctx)
+        inner = behavior(request, relay or context)
+        try:
+            async for item in inner:
+                if relay is not None and relay.pending:
+                    await relay.flush()
+                yield item
+            if relay is not None:
+                await relay.flush()
+        except Exception as exc:
+            _log_failure(exc, method, settings.log_errors)
+            if relay is not None:
+                await relay.flush()
+            raise
+        finally:
+            try:
+                await inner.aclose()
+            finally:
+                if asyncio.current_task() is task:
+                    leave(token)
+                # Else grpc.aio dropped the stream at a yield (the client
+                # cancelled while it was sending) and asyncio's async-
+                # generator hook closes it now, in a task of its own.  The
+                # binding lived in the call's task only, which is over:
+                # nothing to reset here, and leave() would report a foreign
+                # exit.
+
+    return relay_stream
+
+
+def _wrapped(settings: _Settings, handler: Any, method: str, aio: bool) -> Any:
+    """``handler`` with its behaviour wrapped to bind the call's context."""
+    if handler.request_streaming and handler.response_streaming:
+        behavior, factory, streaming = (
+            handler.stream_stream,
+            grpc.stream_stream_rpc_method_handler,
+            True,
+        )
+    elif handler.request_streaming:
+        behavior, factory, streaming = (
+            handler.stream_unary,
+            grpc.stream_unary_rpc_method_handler,
+            False,
+        )
+    elif handler.response_streaming:
+        behavior, factory, streaming = (
+            handler.unary_stream,
+            grpc.unary_stream_rpc_method_handler,
+            True,
+        )
+    else:
+        behavior, factory, streaming = (
+            handler.unary_unary,
+            grpc.unary_unary_rpc_method_handler,
+            False,
+        )
+    if behavior is None:
+        return handler
+    # grpc.aio decides how to run a behaviour by its kind (coroutine function,
+    # async generator function, else sync in a thread): each wrapper is of
+    # the kind it wraps, so grpc runs it as it would have run the handler.
+    if aio and inspect.iscoroutinefunction(behavior):
+        wrap = _aio_writer if streaming else _aio_unary
+    elif aio and inspect.isasyncgenfunction(behavior):
+        if not streaming:
+            return handler  # not a handler grpc can run: leave it to fail as it would
+        wrap = _aio_stream
+    elif aio and inspect.isawaitable(behavior):
+        return handler  # grpc.aio's odd "awaitable handler" case: left alone
+    else:
+        wrap = _sync_stream if streaming else _sync_unary
+    relayed = wrap(settings, behavior, method)
+    for attribute in ("experimental_thread_pool", "experimental_non_blocking"):
+        if hasattr(behavior, attribute):  # sync grpcio reads these off the behaviour
+            setattr(relayed, attribute, getattr(behavior, attribute))
+    return factory(
+        relayed,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _Wrapper:
+    """The wrapped handlers, made once per (handler, method); bounded."""
+
+    __slots__ = ("_cache", "settings")
+
+    _MAX = 4096
+
+    def __init__(self, settings: _Settings) -> None:
+        self.settings = settings
+        self._cache: dict[tuple[int, str], tuple[Any, Any]] = {}
+
+    def __call__(self, handler: Any, method: str, aio: bool) -> Any:
+        if handler is None:
+            return None
+        key = (id(handler), method)
+        entry = self._cache.get(key)
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        relayed = _wrapped(self.settings, handler, method, aio)
+        cache = self._cache
+        if len(cache) >= self._MAX:
+            cache.clear()  # a generic handler that makes a new handler per call
+        cache[key] = (handler, relayed)  # keeps handler alive: its id stays its own
+        return relayed
+
+
+def _settings(
+    header_name: str | None, validator: RequestIdValidator | None, echo: bool, log_errors: bool
+) -> _Settings:
+    return _Settings(Door(header_name, validator), bool(echo), bool(log_errors))
+
+
+class ServerInterceptor(grpc.ServerInterceptor):
+    """Binds each call's ``Context`` where a sync ``grpc.server`` runs its handler.
+
+    ``grpc.server(pool, interceptors=[ServerInterceptor()])``.  For every
+    arity the handler sees its call's request id (the inbound
+    ``x-request-id`` metadata when valid, else a new one), the fields the
+    policy extracts from the metadata and ``ctxrelay.request()``, a
+    snapshot: method ``POST``, scheme ``grpc``, path the full method name
+    (``/pkg.Service/Method``), client the peer, headers the text metadata.
+    Reset by token on return, abort, exception and cancellation.
+
+    ``header_name`` / ``validator``
+        As for the web middleware (default: the policy's ``x-request-id``,
+        1-128 characters of ``A-Z a-z 0-9 . _ : -``).
+    ``echo``
+        Send the request id back in the initial metadata.  Costs one more
+        send per call (grpcio sends initial metadata with the response
+        otherwise); ``echo=False`` saves it.
+    ``log_errors``
+        Log an exception that escapes the handler (not an ``abort``) on
+        logger ``ctxrelay.grpc`` while the context is still bound.
+    """
+
+    def __init__(
+        self,
+        *,
+        header_name: str | None = None,
+        validator: RequestIdValidator | None = None,
+        echo: bool = True,
+        log_errors: bool = True,
+    ) -> None:
+        self._wrap = _Wrapper(_settings(header_name, validator, echo, log_errors))
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        return self._wrap(
+            continuation(handler_call_details), handler_call_details.method, aio=False
+        )
+
+
+class AioServerInterceptor(grpc.aio.ServerInterceptor):
+    """:class:`ServerInterceptor` for ``grpc.aio.server(interceptors=[...])``.
+
+    Async handlers (coroutines, async generators, ``context.write()``
+    streams) run bound in the call's task; sync handlers, which grpc.aio runs
+    in an executor thread that copies no context (grpc #37881), are bound in
+    that thread.  Same options as :class:`ServerInterceptor`.
+    """
+
+    def __init__(
+        self,
+        *,
+        header_name: str | None = None,
+        validator: RequestIdValidator | None = None,
+        echo: bool = True,
+        log_errors: bool = True,
+    ) -> None:
+        self._wrap = _Wrapper(_settings(header_name, validator, echo, log_errors))
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        return self._wrap(handler, handler_call_details.method, aio=True)
