@@ -494,7 +494,7 @@ def test_aio_echo_on_every_kind_of_stream() -> None:
                         else:
                             call = unary_stream(channel, method)(b"0")  # an empty stream
                             assert [m async for m in call] == []
-                        found[method] = dict(await call.initial_metadata() or ())
+                        found[method] = dict(iter(await call.initial_metadata() or ()))
                 return found
 
     for method, metadata in asyncio.run(run()).items():

@@ -34,9 +34,10 @@ context is reset by token on every outcome -- return, ``abort``, exception,
 cancellation -- and for every arity.  The request id is echoed in the
 initial metadata.
 
-Deadlines (issue 13, not in ctxrelay yet) will map here both ways: the server
-binds ``context.time_remaining()``, the client passes ``min(remaining, its
-own timeout)`` as the call's ``timeout``.  See the two ``# Deadlines`` notes.
+Deadlines are not part of ctxrelay's context yet.  When they are, they map
+here both ways: the server binds ``context.time_remaining()``, the client
+passes ``min(remaining, its own timeout)`` as the call's ``timeout``.  The
+``# Deadlines`` notes in this module mark the places.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ class _CallDetails(
 def _sync_details(outbound: _Outbound, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
     existing = details.metadata
     added = outbound.added(existing)
-    # Deadlines (issue 13): the timeout will become min(remaining, details.timeout).
+    # Deadlines (not in ctxrelay yet): the timeout becomes min(remaining, details.timeout).
     if not added:
         return details
     return _CallDetails(
@@ -287,7 +288,7 @@ def _aio_details(
 ) -> grpc.aio.ClientCallDetails:
     existing = details.metadata
     added = outbound.added(existing)
-    # Deadlines (issue 13): the timeout will become min(remaining, details.timeout).
+    # Deadlines (not in ctxrelay yet): the timeout becomes min(remaining, details.timeout).
     if not added:
         return details
     # A new Metadata: the caller's own object may be reused for other calls.
@@ -418,16 +419,15 @@ def _peer(text: object) -> tuple[str, int] | None:
 
 # The metadata names the door reads, per policy: the request id's,
 # captured ones, trace context, baggage.
-_watched_memo: tuple[object, frozenset[str]] = (None, frozenset())
+_watched_memo: tuple[Policy | None, str, frozenset[str]] = (None, "", frozenset())
 
 
-def _watched(plan_policy: Policy, name: str) -> frozenset[str]:
+def _watched(policy: Policy, name: str) -> frozenset[str]:
     global _watched_memo
-    key = (plan_policy, name)
-    memo_key, names = _watched_memo
-    if memo_key != key:
-        names = frozenset({name, "traceparent", "tracestate", "baggage", *plan_policy.capture})
-        _watched_memo = (key, names)
+    memo_policy, memo_name, names = _watched_memo
+    if memo_policy is not policy or memo_name != name:  # identity: a Policy compares by value
+        names = frozenset({name, "traceparent", "tracestate", "baggage", *policy.capture})
+        _watched_memo = (policy, name, names)
     return names
 
 
@@ -625,6 +625,8 @@ class _Echo(grpc.ServicerContext):
         return self._context.add_callback(callback)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_context":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self._context, name)
 
 
@@ -725,6 +727,8 @@ class _AioEcho(grpc.aio.ServicerContext):  # type: ignore[type-arg]
         return self._context.done()  # type: ignore[no-any-return]
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_context":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self._context, name)
 
 
@@ -748,7 +752,8 @@ class _Settings:
 def _sync_unary(settings: _Settings, behavior: Behavior, method: str) -> Behavior:
     def relay_unary(request: Any, context: Any, *more: Any) -> Any:
         ctx, echo = settings.open(context, method)
-        # Deadlines (issue 13): bind context.time_remaining() here too.
+        # Deadlines (not in ctxrelay yet): bind context.time_remaining() here too;
+        # sync grpcio answers ~9.2e18 s, not None, for a call without a deadline.
         relay = _Echo(context, echo) if settings.echo else None
         token = enter(ctx)
         try:
@@ -770,7 +775,8 @@ def _sync_unary(settings: _Settings, behavior: Behavior, method: str) -> Behavio
 def _sync_stream(settings: _Settings, behavior: Behavior, method: str) -> Behavior:
     def relay_stream(request: Any, context: Any, *more: Any) -> Any:
         ctx, echo = settings.open(context, method)
-        # Deadlines (issue 13): bind context.time_remaining() here too.
+        # Deadlines (not in ctxrelay yet): bind context.time_remaining() here too;
+        # sync grpcio answers ~9.2e18 s, not None, for a call without a deadline.
         relay = _Echo(context, echo) if settings.echo else None
         # The stream runs in a context of its own, entered for each step: the
         # handler's generator keeps one context across its yields (its own
@@ -836,7 +842,8 @@ def _steps(
 def _aio_unary(settings: _Settings, behavior: Behavior, method: str) -> Behavior:
     async def relay_unary(request: Any, context: Any) -> Any:
         ctx, echo = settings.open(context, method)
-        # Deadlines (issue 13): bind context.time_remaining() here too.
+        # Deadlines (not in ctxrelay yet): bind context.time_remaining() here too;
+        # sync grpcio answers ~9.2e18 s, not None, for a call without a deadline.
         relay = _AioEcho(context, echo) if settings.echo else None
         token = enter(ctx)
         try:
