@@ -85,6 +85,7 @@ INTEGRATIONS = {
         "destination_of",
     ],
     "reactivex": ["RelayScheduler", "install", "installed", "uninstall"],
+    "sentry": ["CONTEXT", "MAX_TAG_KEY", "MAX_TAG_VALUE", "SentryIntegration", "stamp"],
 }  # fmt: skip
 
 #: Shared by several integrations whose extras may be missing: kept at a path
