@@ -49,7 +49,7 @@ INTEGRATIONS: dict[str, tuple[str, ...]] = {
     "dramatiq": ("ctxrelay.integrations.dramatiq",),
     "requests": ("ctxrelay.integrations.requests",),
     "httpx": ("ctxrelay.integrations.httpx",),
-    "aiohttp": ("ctxrelay.integrations.aiohttp",),
+    "aiohttp": ("ctxrelay.integrations.aiohttp", "ctxrelay.integrations.aiohttp_server"),
     "structlog": ("ctxrelay.integrations.structlog",),
     "loguru": ("ctxrelay.integrations.loguru",),
     "opentelemetry": ("opentelemetry.trace",),
@@ -73,6 +73,7 @@ NEEDS_EXTRA = {
     "ctxrelay.integrations.requests": "requests",
     "ctxrelay.integrations.httpx": "httpx",
     "ctxrelay.integrations.aiohttp": "aiohttp",
+    "ctxrelay.integrations.aiohttp_server": "aiohttp",
     "ctxrelay.integrations.structlog": "structlog",
     "ctxrelay.integrations.loguru": "loguru",
 }
