@@ -8,12 +8,14 @@ starlette-context, whose per-request dict is shared by reference).
 
 from __future__ import annotations
 
+import inspect
 import logging
+import random
 import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, TypeVar, overload
 
 from . import _strict
@@ -468,10 +470,13 @@ def finish(token: Token[Context], ctx: Context) -> None:
 
 
 def _check_start(ctx: Context) -> None:
-    here = _strict.site(2)  # the door or worker that begins the unit
-    _strict.note_bound(ctx, here)
     leaked = _CURRENT.get()
-    if leaked._fields or leaked._request is not None:
+    if not (leaked._fields or leaked._request is not None):
+        if _strict.sample():
+            _strict.note_bound(ctx, _strict.site(2))  # the door or worker
+        return
+    here = _strict.site(2)
+    if here is not None:
         _strict.report(
             "dirty-start",
             "a request, task or job started with a context already bound on its thread or "
@@ -493,20 +498,32 @@ def root_of(ctx: Context) -> Context:
 
 
 class _StrictBind(_Bind):
-    """``bind()`` in strict mode: remembers where it was entered (sampled)."""
+    """``bind()`` in strict mode: remembers where it was entered (sampled).
+
+    ``_site`` is set only when sampled; an unset slot reads as None through
+    ``getattr`` (no ``__init__`` of its own: it would cost every entry).
+    """
 
     __slots__ = ("_site",)
 
-    def __init__(self, fields: dict[str, str]) -> None:
-        super().__init__(fields)
-        self._site: _strict.Site | None = None
-
     def __enter__(self) -> Context:
         ctx = _Bind.__enter__(self)
-        if _strict.sample():
-            self._site = _strict.site(1)
-            _strict.note_bound(ctx, self._site)
+        rate = _STRICT.rate
+        if rate >= 1.0 or _random() < rate:
+            self._site = site = _strict.site(1)
+            _strict.note_bound(ctx, site)
         return ctx
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        ctx = self._ctx
+        _Scope.__exit__(self, exc_type, exc, tb)
+        if ctx is not None and ctx._base is not None and not ctx._base._fields:
+            _strict.note_ended(ctx)  # an outermost bind(): its unit of work ended
 
 
 class _StrictUse(_Use):
@@ -514,16 +531,17 @@ class _StrictUse(_Use):
 
     __slots__ = ("_site",)
 
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        self._site: _strict.Site | None = None
-
     def __enter__(self) -> Context:
         ctx = _Use.__enter__(self)
-        if _strict.sample():
-            self._site = _strict.site(1)
-            _strict.note_bound(ctx, self._site)
+        rate = _STRICT.rate
+        if rate >= 1.0 or _random() < rate:
+            self._site = site = _strict.site(1)
+            _strict.note_bound(ctx, site)
         return ctx
+
+
+_STRICT = _strict.STATE
+_random = random.random
 
 
 # The scope classes bind()/use() make: swapped for the strict ones while
@@ -585,6 +603,17 @@ _reported: set[tuple[str, int]] = set()
 _REPORTED_MAX = 1024
 
 
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _exited_at(frame: FrameType) -> _strict.Site | None:
+    # A generator's scope is exited by whoever closed (or resumed) it: the
+    # frame above; a function's, on its own with statement.
+    if frame.f_code.co_flags & _SUSPENDABLE:
+        return _strict.site_of(frame.f_back)
+    return _strict.site_of(frame)
+
+
 def _report_exit(kind: str, how: str, scope: _Scope | None = None) -> None:
     try:
         # Up past ctxrelay's own exit frames to the frame of the with
@@ -602,7 +631,7 @@ def _report_exit(kind: str, how: str, scope: _Scope | None = None) -> None:
                 "is.  Close the generator that holds it where it runs, or hand the work off "
                 "with ctxrelay.wrap()",
                 entered=entered,
-                exited=_strict.site_of(frame.f_back) if scope is not None else None,
+                exited=_exited_at(frame) if scope is not None else None,
             )
             return
         if where in _reported:
@@ -664,6 +693,7 @@ _EXIT_CODES = frozenset(
     {
         _Scope.__exit__.__code__,
         _Use.__exit__.__code__,
+        _StrictBind.__exit__.__code__,
         _exit.__code__,
         _report_exit.__code__,
         leave.__code__,

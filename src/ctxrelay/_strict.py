@@ -112,6 +112,8 @@ _bound: collections.OrderedDict[int, tuple[weakref.ref[Any], Site]] = collection
 # id(context) -> (a weak reference to it, monotonic time its request ended).
 _ended: collections.OrderedDict[int, tuple[weakref.ref[Any], float]] = collections.OrderedDict()
 _threads: list[tuple[weakref.ref[threading.Thread], weakref.ref[Any], Site]] = []
+# ids of the contexts threads were seen starting with: only their end matters.
+_watched: dict[int, None] = {}
 _watchdog: threading.Thread | None = None
 
 
@@ -259,7 +261,10 @@ def bound_at(ctx: object) -> Site | None:
 
 
 def note_ended(ctx: object) -> None:
-    """The request (or task) that bound ``ctx`` ended now."""
+    """The request (or task) that bound ``ctx`` ended now (remembered only
+    when a thread was seen starting with it: a dict lookup otherwise)."""
+    if id(ctx) not in _watched:
+        return
     with _lock:
         _ended[id(ctx)] = (weakref.ref(ctx), time.monotonic())
         if len(_ended) > _MAX_BOUND:
@@ -276,6 +281,9 @@ def note_thread(thread: threading.Thread, ctx: object, place: Site | None) -> No
             if len(_threads) >= _MAX_THREADS:
                 return
         _threads.append((weakref.ref(thread), weakref.ref(ctx), place))
+        _watched[id(ctx)] = None
+        if len(_watched) > _MAX_BOUND:
+            del _watched[next(iter(_watched))]
 
 
 def threads_with_context() -> list[threading.Thread]:
