@@ -269,3 +269,68 @@ def test_sampling_captures_only_a_share_of_scope_entries() -> None:
         captured += getattr(scope, "_site", None) is not None
     assert isinstance(scope, _context._StrictBind)
     assert captured < 200  # about 20 expected; never all 2000
+
+
+# -- through real servers ---------------------------------------------------------------
+
+
+def test_through_waitress_a_leaked_scope_is_named_by_the_next_request_on_its_thread() -> None:
+    import httpx
+
+    from tests.servers import serve_wsgi
+
+    # Inside a request the door's reset undoes a leaked scope; outside it
+    # (a WSGI middleware wrapped around the door, a server hook) nothing does.
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [b"ok"]
+
+    door = RelayMiddleware(app)
+
+    def outer(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ["PATH_INFO"] == "/leak":
+            ctxrelay.bind(user="alice").__enter__()  # a scope never exited
+        return door(environ, start_response)
+
+    with serve_wsgi(outer, threads=1) as base, httpx.Client(base_url=base) as c:
+        c.get("/leak")
+        c.get("/next")
+        ctxrelay.strict(False)  # (the leak stays on waitress's thread until it stops)
+    report = _only("dirty-start")
+    assert report["bound_line"] == _line_of("# a scope never exited")
+
+
+def test_through_uvicorn_run_in_executor_without_relay_is_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from ctxrelay.integrations.asgi import RelayMiddleware as AsgiDoor
+    from tests.servers import serve_asgi
+
+    log = logging.getLogger("tests.strict.uvicorn")
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+
+    def lookup() -> str:
+        log.warning("looking up the cart")  # the lost work logs
+        return "cart"
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        loop = asyncio.get_running_loop()
+        return PlainTextResponse(await loop.run_in_executor(pool, lookup))  # lost here
+
+    ctxrelay.instrument(relay=False)
+    try:
+        with serve_asgi(AsgiDoor(Starlette(routes=[Route("/", endpoint)]))) as base:
+            assert httpx.get(base + "/", timeout=WAIT).text == "cart"
+    finally:
+        pool.shutdown()
+    report = _only("lost-context")
+    assert report["handoff_line"] == _line_of("# lost here")
+    assert report["used_line"] == _line_of("# the lost work logs")
