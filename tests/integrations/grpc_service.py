@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import json
 import socket
@@ -82,6 +83,16 @@ class Record:
     holding: threading.Event = field(default_factory=threading.Event)
     #: probe "after" entries, counted as they come.
     finished: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+
+    def wait_cleaned(self) -> None:
+        """Until a handler's cleanup ran.  A stream grpc dropped is closed when
+        it is collected: by reference counting at once, by the cycle
+        collector if something held it in a cycle -- so collect meanwhile."""
+        for _ in range(int(GATE_TIMEOUT / 0.05)):
+            if self.cleaned.wait(0.05):
+                return
+            gc.collect()
+        raise AssertionError("the handler's cleanup did not run")
 
     def wait_finished(self, count: int = 1, timeout: float = GATE_TIMEOUT) -> None:
         for _ in range(count):
