@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import random
 import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -498,18 +497,29 @@ def root_of(ctx: Context) -> Context:
 
 
 class _StrictBind(_Bind):
-    """``bind()`` in strict mode: remembers where it was entered (sampled).
+    """``bind()`` in strict mode: remembers where it was entered (sampled),
+    and notes when an outermost one ends (its unit of work ended).
 
     ``_site`` is set only when sampled; an unset slot reads as None through
-    ``getattr`` (no ``__init__`` of its own: it would cost every entry).
+    ``getattr``.  The bodies of ``_Bind.__enter__`` and ``_Scope.__exit__``
+    are repeated here on purpose: a call to them would cost every entry
+    while strict mode is on (the staging rate's budget is 10%).
     """
 
     __slots__ = ("_site",)
 
     def __enter__(self) -> Context:
-        ctx = _Bind.__enter__(self)
-        rate = _STRICT.rate
-        if rate >= 1.0 or _random() < rate:
+        if self._token is not None:
+            raise RuntimeError("this ctxrelay scope is already entered; call bind()/use() again")
+        base = _CURRENT.get()
+        fields = self._fields
+        if base._fields:
+            fields = {**base._fields, **fields}
+        ctx = Context._make(fields, base._request)
+        ctx._base = base
+        self._ctx = ctx
+        self._token = _CURRENT.set(ctx)
+        if _STRICT.tick() == 0:  # sampled: every Nth entry, N = 1 / rate
             self._site = site = _strict.site(1)
             _strict.note_bound(ctx, site)
         return ctx
@@ -520,10 +530,20 @@ class _StrictBind(_Bind):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        token = self._token
+        if token is None:
+            return
+        self._token = None
         ctx = self._ctx
-        _Scope.__exit__(self, exc_type, exc, tb)
-        if ctx is not None and ctx._base is not None and not ctx._base._fields:
-            _strict.note_ended(ctx)  # an outermost bind(): its unit of work ended
+        if _CURRENT.get() is ctx:
+            try:
+                _CURRENT.reset(token)
+            except ValueError:
+                _exit(token, self)
+        else:
+            _exit(token, self)
+        if _WATCHED and id(ctx) in _WATCHED:
+            _strict.note_ended(ctx)  # a thread was seen starting with it: it ended
 
 
 class _StrictUse(_Use):
@@ -533,15 +553,14 @@ class _StrictUse(_Use):
 
     def __enter__(self) -> Context:
         ctx = _Use.__enter__(self)
-        rate = _STRICT.rate
-        if rate >= 1.0 or _random() < rate:
+        if _STRICT.tick() == 0:
             self._site = site = _strict.site(1)
             _strict.note_bound(ctx, site)
         return ctx
 
 
 _STRICT = _strict.STATE
-_random = random.random
+_WATCHED = _strict.WATCHED
 
 
 # The scope classes bind()/use() make: swapped for the strict ones while

@@ -39,9 +39,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import functools
+import itertools
 import logging
 import os
-import random
 import sys
 import threading
 import time
@@ -53,6 +54,7 @@ from typing import Any
 __all__ = [
     "LOST_FROM",
     "STATE",
+    "WATCHED",
     "Site",
     "bound_at",
     "check_threads",
@@ -91,13 +93,23 @@ _MAX_BOUND = 4096
 _MAX_THREADS = 1024
 
 
+def _ticker(rate: float) -> Callable[[], int]:
+    # Sampling by count, not a random draw per occurrence: every Nth one is
+    # captured (N = 1 / rate), the first one always.  next() over a cycle,
+    # called through a C partial: no Python frame per occurrence.
+    every = max(1, round(1.0 / rate))
+    return functools.partial(next, itertools.cycle([0, *[1] * (every - 1)]))
+
+
 class _State:
-    __slots__ = ("on", "rate", "thread_age")
+    __slots__ = ("on", "rate", "thread_age", "tick")
 
     def __init__(self) -> None:
         self.on = False
         self.rate = 1.0
         self.thread_age = 10.0
+        #: 0 for an occurrence whose place is to be captured (see sample()).
+        self.tick: Callable[[], int] = _ticker(1.0)
 
 
 STATE = _State()
@@ -113,7 +125,7 @@ _bound: collections.OrderedDict[int, tuple[weakref.ref[Any], Site]] = collection
 _ended: collections.OrderedDict[int, tuple[weakref.ref[Any], float]] = collections.OrderedDict()
 _threads: list[tuple[weakref.ref[threading.Thread], weakref.ref[Any], Site]] = []
 # ids of the contexts threads were seen starting with: only their end matters.
-_watched: dict[int, None] = {}
+WATCHED: dict[int, None] = {}
 _watchdog: threading.Thread | None = None
 
 
@@ -124,8 +136,7 @@ def enabled() -> bool:
 
 def sample() -> bool:
     """Whether to capture this occurrence's place (the sampling rate)."""
-    rate = STATE.rate
-    return rate >= 1.0 or random.random() < rate
+    return STATE.tick() == 0
 
 
 def on_switch(switch: Callable[[bool], None]) -> None:
@@ -148,6 +159,7 @@ def strict(
         if not 0.0 < sample <= 1.0:
             raise ValueError(f"strict(sample=...) is a rate in (0, 1], not {sample!r}")
         STATE.rate = float(sample)
+        STATE.tick = _ticker(STATE.rate)
     if thread_age is not None:
         if thread_age < 0:
             raise ValueError(f"strict(thread_age=...) is seconds >= 0, not {thread_age!r}")
@@ -263,7 +275,7 @@ def bound_at(ctx: object) -> Site | None:
 def note_ended(ctx: object) -> None:
     """The request (or task) that bound ``ctx`` ended now (remembered only
     when a thread was seen starting with it: a dict lookup otherwise)."""
-    if id(ctx) not in _watched:
+    if id(ctx) not in WATCHED:
         return
     with _lock:
         _ended[id(ctx)] = (weakref.ref(ctx), time.monotonic())
@@ -281,9 +293,9 @@ def note_thread(thread: threading.Thread, ctx: object, place: Site | None) -> No
             if len(_threads) >= _MAX_THREADS:
                 return
         _threads.append((weakref.ref(thread), weakref.ref(ctx), place))
-        _watched[id(ctx)] = None
-        if len(_watched) > _MAX_BOUND:
-            del _watched[next(iter(_watched))]
+        WATCHED[id(ctx)] = None
+        if len(WATCHED) > _MAX_BOUND:
+            del WATCHED[next(iter(WATCHED))]
 
 
 def threads_with_context() -> list[threading.Thread]:
