@@ -755,6 +755,8 @@ def _sync_unary(settings: _Settings, behavior: Behavior, method: str) -> Behavio
         # Deadlines (not in ctxrelay yet): bind context.time_remaining() here too;
         # sync grpcio answers ~9.2e18 s, not None, for a call without a deadline.
         relay = _Echo(context, echo) if settings.echo else None
+        # grpc #37881: bound here, in the thread that runs the handler (the
+        # server's pool, or an aio server's executor).
         token = enter(ctx)
         try:
             response = behavior(request, relay or context, *more)
@@ -1036,6 +1038,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
         self._wrap = _Wrapper(_settings(header_name, validator, echo, log_errors))
 
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        # grpc #37881, #41863: nothing is bound here -- grpcio runs the handler
+        # later, on its pool -- the wrapped behaviour binds where it runs.
         return self._wrap(
             continuation(handler_call_details), handler_call_details.method, aio=False
         )
@@ -1064,4 +1068,7 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
     ) -> Any:
         handler = await continuation(handler_call_details)
+        # grpc #37881: a sync handler runs in an executor thread that copies no
+        # context from this task, so nothing is bound here: the wrapped
+        # behaviour binds where grpc.aio runs it.
         return self._wrap(handler, handler_call_details.method, aio=True)
