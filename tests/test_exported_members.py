@@ -74,8 +74,6 @@ INTEGRATIONS = {
     "aiohttp": ["trace_config"],
     "aiohttp_server": ["RelayMiddleware", "setup"],
     "nats": ["KEY", "Signer", "bound", "context_of", "install", "uninstall"],
-    "arq": ["JOB_ID", "KEY", "Signer", "install", "install_worker"],
-    "taskiq": ["ContextMiddleware", "KEY", "Signer", "TASK_ID", "carry", "install", "uninstall"],
     "logging": [
         "ContextFilter", "DEFAULT", "DEFAULT_FORMAT", "FrozenFields", "REQUEST_ATTRIBUTES",
         "install", "setup", "uninstall",
@@ -88,6 +86,7 @@ INTEGRATIONS = {
     ],
     "reactivex": ["RelayScheduler", "install", "installed", "uninstall"],
     "sentry": ["CONTEXT", "MAX_TAG_KEY", "MAX_TAG_VALUE", "SentryIntegration", "stamp"],
+    "opentelemetry": ["ContextSpanProcessor", "DEFAULT_FIELDS", "PREFIX"],
 }  # fmt: skip
 
 #: Shared by several integrations whose extras may be missing: kept at a path
