@@ -74,6 +74,8 @@ INTEGRATIONS = {
     "aiohttp": ["trace_config"],
     "aiohttp_server": ["RelayMiddleware", "setup"],
     "nats": ["KEY", "Signer", "bound", "context_of", "install", "uninstall"],
+    "arq": ["JOB_ID", "KEY", "Signer", "install", "install_worker"],
+    "taskiq": ["ContextMiddleware", "KEY", "Signer", "TASK_ID", "carry", "install", "uninstall"],
     "logging": [
         "ContextFilter", "DEFAULT", "DEFAULT_FORMAT", "FrozenFields", "REQUEST_ATTRIBUTES",
         "install", "setup", "uninstall",
