@@ -77,7 +77,7 @@ OWNER_KEY = "ctxrelay-tests:owner"
 _HOW = {
     "Redis": f"redis-server --daemonize yes --bind 127.0.0.1 --port {REDIS_PORT} --save ''",
     "RabbitMQ": "rabbitmq-server -detached",
-    "NATS": "nats-server --jetstream --addr 127.0.0.1 --port 4222 &",
+    "NATS": "nats-server -a 127.0.0.1 -p 4222 -js -sd /tmp/ctxrelay-nats &",
     "MQTT": "mosquitto -d -p 1883",
 }
 
