@@ -10,6 +10,15 @@ import contextlib as _contextlib
 
 from . import _strict
 from ._context import Context, bind, current, detached, get, request, request_id, use
+from ._deadline import (
+    DeadlineExceeded,
+    RequestCancelled,
+    cancelled,
+    checkpoint,
+    deadline,
+    remaining,
+    without_deadline,
+)
 from ._inbound import extract
 from ._instrument import instrument, instrumented, uninstrument
 from ._outbound import inject
@@ -30,23 +39,29 @@ from ._strict import strict, strict_reports
 __all__ = [
     "Context",
     "ContextExecutor",
+    "DeadlineExceeded",
     "Headers",
     "Policy",
     "ProcessPoolExecutor",
+    "RequestCancelled",
     "RequestSnapshot",
     "Thread",
     "ThreadPoolExecutor",
     "Timer",
     "active_policy",
     "bind",
+    "cancelled",
+    "checkpoint",
     "configure",
     "current",
+    "deadline",
     "detached",
     "extract",
     "get",
     "inject",
     "instrument",
     "instrumented",
+    "remaining",
     "request",
     "request_id",
     "run_async",
@@ -54,6 +69,7 @@ __all__ = [
     "strict_reports",
     "uninstrument",
     "use",
+    "without_deadline",
     "wrap",
 ]
 

@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
+from time import monotonic as _monotonic
 from types import FrameType, TracebackType
 from typing import Any, TypeVar, overload
 
@@ -27,6 +28,7 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "MAX_VALUE_BYTES",
     "DETACHED",
+    "Cancellation",
     "FIELD_NAME",
     "REQUEST_ID",
     "Context",
@@ -39,6 +41,7 @@ __all__ = [
     "leave",
     "root_of",
     "make_context",
+    "narrowed",
     "read_current",
     "get",
     "request",
@@ -159,7 +162,7 @@ class Context(Mapping[str, str]):
     """
 
     # __weakref__: strict mode remembers contexts without keeping them alive.
-    __slots__ = ("__weakref__", "_base", "_fields", "_hash", "_request")
+    __slots__ = ("__weakref__", "_base", "_cancel", "_deadline", "_fields", "_hash", "_request")
 
     _fields: dict[str, str]
     _request: RequestSnapshot | None
@@ -168,6 +171,12 @@ class Context(Mapping[str, str]):
     # every other context): how a late or foreign scope exit tells whether
     # the state it would restore has already been unwound (see _Scope).
     _base: Context | None
+    # When the work must be done by: a time.monotonic() instant, or None.
+    # Not a field: it never travels as a value, only as the time remaining
+    # (see _deadline), and it does not take part in equality.
+    _deadline: float | None
+    # The request's cancellation, shared by everything working for it.
+    _cancel: Cancellation | None
 
     def __init__(
         self, fields: Mapping[str, str] | Iterable[tuple[str, str]] = (), /, **more: str
@@ -179,6 +188,8 @@ class Context(Mapping[str, str]):
         self._request = None
         self._hash = None
         self._base = None
+        self._deadline = None
+        self._cancel = None
 
     @classmethod
     def _make(cls, fields: dict[str, str], request: RequestSnapshot | None) -> Context:
@@ -188,7 +199,16 @@ class Context(Mapping[str, str]):
         ctx._request = request
         ctx._hash = None
         ctx._base = None
+        ctx._deadline = None
+        ctx._cancel = None
         return ctx
+
+    def _same_work(self, new: Context) -> Context:
+        # A changed value of the same unit of work keeps its deadline and
+        # its cancellation.
+        new._deadline = self._deadline
+        new._cancel = self._cancel
+        return new
 
     # -- Mapping -------------------------------------------------------------
     def __getitem__(self, name: str) -> str:
@@ -234,7 +254,15 @@ class Context(Mapping[str, str]):
         return f"Context({shown!r}, request={self._request!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_unpickle, (dict(self._fields), self._request))
+        # Across processes the deadline travels as the time remaining (a
+        # monotonic instant means nothing in another process), and a
+        # cancelled request as none left.
+        remaining = None
+        if self._deadline is not None:
+            remaining = max(0.0, self._deadline - _monotonic())
+        if self._cancel is not None and self._cancel.cancelled:
+            remaining = 0.0
+        return (_unpickle, (dict(self._fields), self._request, remaining))
 
     def __copy__(self) -> Context:
         return self
@@ -260,27 +288,57 @@ class Context(Mapping[str, str]):
             new.update(_validated(fields))
         if more:
             new.update(_validated(more))
-        return Context._make(new, self._request)
+        return self._same_work(Context._make(new, self._request))
 
     def remove(self, *names: str) -> Context:
         """A new context without ``names``; names not present are ignored."""
         new = {name: value for name, value in self._fields.items() if name not in names}
-        return Context._make(new, self._request)
+        return self._same_work(Context._make(new, self._request))
 
     def with_request(self, request: RequestSnapshot | None) -> Context:
         """A new context carrying ``request`` as its snapshot (or none)."""
         if request is not None and not isinstance(request, RequestSnapshot):
             raise TypeError(f"expected a RequestSnapshot, got {type(request).__name__}")
-        return Context._make(self._fields, request)
+        return self._same_work(Context._make(self._fields, request))
 
 
-def _unpickle(fields: dict[object, object], request: object) -> Context:
+def _unpickle(fields: dict[object, object], request: object, remaining: object = None) -> Context:
     # Validated on arrival: a pickle from another process is input, too.
     clean = sanitize(fields.items(), source="a pickled Context")
     if request is not None and not isinstance(request, RequestSnapshot):
         _log.warning("ctxrelay: dropped a request snapshot of type %s", type(request).__name__)
         request = None
-    return Context._make(clean, request)
+    ctx = Context._make(clean, request)
+    if remaining is not None:
+        if type(remaining) in (int, float) and 0.0 <= remaining <= 86400.0:  # type: ignore[operator]
+            ctx._deadline = _monotonic() + float(remaining)  # type: ignore[arg-type]
+        else:
+            _log.warning("ctxrelay: dropped a pickled deadline that is not a time remaining")
+    return ctx
+
+
+class Cancellation:
+    """The cancellation of one request, shared by all the work done for it.
+
+    The web door makes one per request (with ``timeout=``) and cancels it
+    when the client disconnects; :func:`ctxrelay.checkpoint` and
+    :func:`ctxrelay.cancelled` read it from any thread the context reached.
+    """
+
+    __slots__ = ("cancelled", "reason")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.reason = ""
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Mark the request cancelled (idempotent; the first reason stays)."""
+        if not self.cancelled:
+            self.reason = reason
+            self.cancelled = True
+
+    def __repr__(self) -> str:
+        return f"<Cancellation {'cancelled: ' + self.reason if self.cancelled else 'active'}>"
 
 
 EMPTY = Context()
@@ -374,6 +432,8 @@ class _Bind(_Scope):
         # Context values never mutate their dict, so an unchanged one is shared.
         ctx = Context._make(fields, base._request)
         ctx._base = base
+        ctx._deadline = base._deadline
+        ctx._cancel = base._cancel
         self._ctx = ctx
         self._token = _CURRENT.set(ctx)
         return ctx
@@ -441,6 +501,29 @@ def leave(token: Token[Context]) -> None:
 #: :func:`current` for the package's hot paths (a log filter per record):
 #: the ContextVar's own bound method, no Python frame per read.
 read_current = _CURRENT.get
+
+
+def narrowed(
+    ctx: Context,
+    deadline: float | None,
+    cancel: Cancellation | None = None,
+    *,
+    keep_deadline: bool = True,
+) -> Context:
+    """``ctx`` as a new context of the same unit of work whose deadline is
+    the earlier of its own and ``deadline`` (a monotonic instant; ``None``:
+    unchanged), and whose cancellation is ``cancel`` when given.
+    ``keep_deadline=False`` drops the deadline and the cancellation (work
+    that must outlive its request).  The new context is bound on top of
+    ``ctx`` (``_base``), as a ``bind()`` would be."""
+    new = Context._make(ctx._fields, ctx._request)
+    new._base = ctx._base if ctx._base is not None else ctx
+    if keep_deadline:
+        own = ctx._deadline
+        earlier = own is None or (deadline is not None and deadline < own)
+        new._deadline = deadline if earlier else own
+        new._cancel = cancel if cancel is not None else ctx._cancel
+    return new
 
 
 def make_context(fields: dict[str, str], request: RequestSnapshot | None) -> Context:
@@ -517,6 +600,8 @@ class _StrictBind(_Bind):
             fields = {**base._fields, **fields}
         ctx = Context._make(fields, base._request)
         ctx._base = base
+        ctx._deadline = base._deadline
+        ctx._cancel = base._cancel
         self._ctx = ctx
         self._token = _CURRENT.set(ctx)
         if _STRICT.tick() == 0:  # sampled: every Nth entry, N = 1 / rate

@@ -82,7 +82,10 @@ def submit_has_known_shape() -> bool:
 
 
 def make_relaying_submit(
-    relayed: type, new_future: Callable[[], Future[Any]]
+    relayed: type,
+    new_future: Callable[[], Future[Any]],
+    bounded: Callable[[], bool] | None = None,
+    guard: Callable[..., Any] | None = None,
 ) -> Callable[..., Future[Any]] | None:
     """A relaying twin of ``ThreadPoolExecutor.submit``, or ``None`` (fallback).
 
@@ -91,7 +94,9 @@ def make_relaying_submit(
     work as the standard method with the relay folded in, which keeps the
     per-task cost at the floor of ``copy_context().run``.  ``relayed`` is the
     type of a task that already carries its capture (passed through);
-    ``new_future`` makes the future.  ``None`` when the fast path is off or
+    ``new_future`` makes the future.  When ``bounded()`` says the caller's
+    work has a deadline, the task runs through ``guard`` (which refuses to
+    start it once the deadline passed).  ``None`` when the fast path is off or
     this Python's ``submit`` has another shape: callers then wrap ``submit``.
     """
     if not FAST_PATH or not submit_has_known_shape():
@@ -117,7 +122,9 @@ def make_relaying_submit(
                 # What the floor does by hand, pool.submit(copy_context().run,
                 # fn, ...): no wrapper object, no extra call when it runs.
                 run = copy_context().run
-                self._work_queue.put(work_item(future, run, (fn, *args), kwargs))
+                # A task with a deadline is checked when it starts (guard).
+                args = (guard, fn, *args) if bounded is not None and bounded() else (fn, *args)
+                self._work_queue.put(work_item(future, run, args, kwargs))
             self._adjust_thread_count()
             return future
 

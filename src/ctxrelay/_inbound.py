@@ -33,11 +33,13 @@ are bounded in bytes (``PLAIN_NAME_BYTES``), header data that is not
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
+from time import monotonic
 from typing import Any, NamedTuple
 
 from ._codec import (
@@ -50,7 +52,8 @@ from ._codec import (
     parse_baggage,
     valid_traceparent,
 )
-from ._context import EMPTY, REQUEST_ID, Context, make_context, validate_field
+from ._context import EMPTY, REQUEST_ID, Context, make_context, narrowed, validate_field
+from ._deadline import parse_remaining_ms
 from ._policy import Policy, active
 from ._request import (
     CONTROL,
@@ -168,6 +171,7 @@ class Plan(NamedTuple):
         wanted = set(policy.capture) | {TRACEPARENT, TRACESTATE}
         if policy.trusted_peers:
             wanted.add(BAGGAGE)
+            wanted.add(policy.deadline_header)  # honoured from trusted peers only
         extracted = frozenset(n.encode("ascii") for n in wanted)  # capture names are ASCII
         return cls(
             policy,
@@ -255,16 +259,23 @@ class Door:
         logged and replaced.  ``peer`` (``host:port``) decides whether baggage
         is trusted (an edge service trusts no one; see ``Policy``).
         """
-        return self._bind(_extracted(snapshot, peer), raw_id, snapshot)
+        return self._bind(*_extracted(snapshot, peer), raw_id, snapshot)
 
     def _bind(
-        self, fields: dict[str, str], raw_id: str | None, snapshot: RequestSnapshot
+        self,
+        fields: dict[str, str],
+        deadline: float | None,
+        raw_id: str | None,
+        snapshot: RequestSnapshot,
     ) -> Context:
         if raw_id is not None and not self._custom and _accepted(raw_id) is not None:
             fields[REQUEST_ID] = raw_id  # request_id()'s common case, inlined
         else:
             fields[REQUEST_ID] = self.request_id(raw_id)
-        return make_context(fields, snapshot)
+        ctx = make_context(fields, snapshot)
+        if deadline is not None:
+            ctx = narrowed(ctx, deadline)
+        return ctx
 
     def fallback(self, raw_id: object) -> Context:
         """The context when no snapshot could be taken: a request id only."""
@@ -299,12 +310,13 @@ class Door:
         return True
 
 
-def _extracted(snapshot: RequestSnapshot, peer: str | None) -> dict[str, str]:
+def _extracted(snapshot: RequestSnapshot, peer: str | None) -> tuple[dict[str, str], float | None]:
     try:
-        return dict(extract(snapshot.headers, peer=peer))
+        ctx = extract(snapshot.headers, peer=peer)
+        return dict(ctx), ctx._deadline
     except Exception:  # a bug of ours must not fail the request
         _log.exception("ctxrelay: could not extract inbound fields; continuing without them")
-        return {}
+        return {}, None
 
 
 def header_from_asgi(entries: Iterable[object], name: bytes) -> str | None:
@@ -368,8 +380,9 @@ def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) ->
             if type(value) is not bytes:
                 return _open_asgi_carefully(door, plan, scope, snapshot, entries)
             raw_id = value.decode("latin-1")
-        fields = {} if hits is None else _extract_raw(plan, raw, hits, scope, snapshot)
-        return door._bind(fields, raw_id, snapshot)
+        if hits is None:
+            return door._bind({}, None, raw_id, snapshot)
+        return door._bind(*_extract_raw(plan, raw, hits, scope, snapshot), raw_id, snapshot)
     except Exception:
         _log.warning("ctxrelay: could not snapshot an ASGI request", exc_info=True)
         return door.fallback(raw_id)
@@ -381,8 +394,9 @@ def _extract_raw(
     hits: list[tuple[Any, Any]],
     scope: Mapping[str, Any],
     snapshot: RequestSnapshot,
-) -> dict[str, str]:
-    """``extract(snapshot.headers)`` read from the raw lines it needs, ``hits``.
+) -> tuple[dict[str, str], float | None]:
+    """``extract(snapshot.headers)`` read from the raw lines it needs, ``hits``:
+    the fields, and the deadline a trusted peer sent (a monotonic instant).
 
     The snapshot drops a line with a control character or over
     ``MAX_HEADER_BYTES``, and stops keeping lines past ``MAX_HEADERS`` or
@@ -403,13 +417,17 @@ def _extract_raw(
         text = item.decode("latin-1")
         if len(text) <= MAX_HEADER_BYTES and not CONTROL.search(text):
             found.setdefault(key.decode("latin-1"), []).append(text.strip(" \t"))
-    if BAGGAGE in found and not plan.policy.trusts(_asgi_peer(scope)):
-        del found[BAGGAGE]
+    policy = plan.policy
+    if (BAGGAGE in found or policy.deadline_header in found) and not policy.trusts(
+        _asgi_peer(scope)
+    ):
+        found.pop(BAGGAGE, None)
+        found.pop(policy.deadline_header, None)
     try:
-        return fields_from(found, plan.policy)
+        return fields_from(found, policy), _inbound_deadline(found, policy)
     except Exception:  # a bug of ours must not fail the request
         _log.exception("ctxrelay: could not extract inbound fields; continuing without them")
-        return {}
+        return {}, None
 
 
 def _open_asgi_carefully(
@@ -443,9 +461,9 @@ def open_wsgi(door: Door, environ: Mapping[str, Any]) -> Context:
         if plan.extracted_environ.isdisjoint(keys) and not _ODD_ENVIRON_KEYS.search(
             "\0".join(keys)
         ):
-            return door._bind({}, raw_id, snapshot)
+            return door._bind({}, None, raw_id, snapshot)
         peer = format_peer(environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"))
-        return door._bind(_extracted(snapshot, peer), raw_id, snapshot)
+        return door._bind(*_extracted(snapshot, peer), raw_id, snapshot)
     except Exception:
         _log.warning("ctxrelay: could not snapshot a WSGI request", exc_info=True)
         return door.fallback(raw_id)
@@ -526,9 +544,42 @@ def _extract(
     trusted = policy.trust_in_house if in_house else policy.trusts(peer)
     wanted = policy.capture | {rid_header, TRACEPARENT, TRACESTATE}
     if trusted:
-        wanted |= {BAGGAGE}
-    fields = fields_from(_collect(headers, wanted), policy, dropped)
+        wanted |= {BAGGAGE, policy.deadline_header}
+    found = _collect(headers, wanted)
+    fields = fields_from(found, policy, dropped)
+    at = _inbound_deadline(found, policy, dropped) if trusted else None
+    if at is not None:
+        return narrowed(make_context(fields, None), at)
     return make_context(fields, None) if fields else EMPTY
+
+
+_bad_deadlines = itertools.count()
+
+
+def _inbound_deadline(
+    found: Mapping[str, list[str]], policy: Policy, dropped: list[str] | None = None
+) -> float | None:
+    """The deadline (a monotonic instant) a trusted sender's remaining-time
+    header sets: only ever narrowing (the caller narrows), capped at
+    ``policy.max_inbound_timeout``; a malformed or repeated one is refused
+    with a warning (rate-limited: it comes from outside)."""
+    values = found.get(policy.deadline_header)
+    if not values:
+        return None
+    seconds = parse_remaining_ms(values[0], policy.max_inbound_timeout)
+    if seconds is None or len(values) != 1:
+        if dropped is not None:
+            dropped.append(policy.deadline_header)
+        count = next(_bad_deadlines)
+        if count < 10 or count % 1000 == 0:
+            _log.warning(
+                "ctxrelay: ignored a malformed %s header (%d so far): want one value of "
+                "1-12 digits (milliseconds)",
+                policy.deadline_header,
+                count + 1,
+            )
+        return None
+    return monotonic() + seconds
 
 
 def extract_exactly(

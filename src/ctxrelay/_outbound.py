@@ -36,6 +36,7 @@ from ._codec import (
     not_baggage,
 )
 from ._context import FIELD_NAME, REQUEST_ID, Context, current, validate_field
+from ._deadline import remaining_ms
 from ._otel import span_at_use
 from ._policy import PROXY_CREDENTIALS, Origin, Policy, Route, active, peer_of_client
 from ._request import RequestSnapshot
@@ -223,6 +224,10 @@ def outgoing(
                 out[name] = fields[name]
         elif "*" in route.headers or name in route.headers:
             out[name] = fields[name]
+    if route.deadline and ctx._deadline is not None:
+        left = remaining_ms(ctx)
+        if left is not None:  # the time left, re-read by the receiver's own clock
+            out[policy.deadline_header] = str(left)
     if route.trace:
         otel = _otel_trace_headers(fields.get(TRACEPARENT))
         if otel is not None:

@@ -71,6 +71,9 @@ def _lowered(names: Iterable[str]) -> frozenset[str]:
 #: valid in both alphabets (see ``_context._NAME``).
 _HEADER_FIELD = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,63}\Z")
 
+# RFC 9110 field-name: a token.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -135,6 +138,10 @@ class Route:
         ``headers`` never lets a credential through.
     ``request_id`` / ``trace``
         Whether the request id header and ``traceparent``/``tracestate`` travel.
+    ``deadline``
+        Whether the time the work has left travels (``Policy.deadline_header``,
+        in milliseconds), as the request id does.  A destination no route
+        names does not get it unless ``Policy.foreign`` says so.
     """
 
     hosts: tuple[str, ...] = ("*",)
@@ -145,6 +152,7 @@ class Route:
     sensitive: AbstractSet[str] = frozenset()
     request_id: bool = True
     trace: bool = True
+    deadline: bool = True
 
     def __post_init__(self) -> None:
         hosts = (self.hosts,) if isinstance(self.hosts, str) else tuple(self.hosts)
@@ -164,7 +172,7 @@ class Route:
 
 
 #: Destinations no route names: the request id and trace headers only.
-FOREIGN = Route(baggage=False, headers=frozenset())
+FOREIGN = Route(baggage=False, headers=frozenset(), deadline=False)
 
 #: ``inject(destination=None)``: an in-house carrier such as a task-queue
 #: message.  Fields, request id, trace and captured non-sensitive headers;
@@ -210,6 +218,14 @@ class Policy:
         Whether ``extract(..., in_house=True)`` accepts baggage fields.
     ``max_baggage_fields`` / ``max_baggage_bytes``
         Limits on outgoing and incoming ``baggage`` (W3C: 64 / 8192 at least).
+    ``deadline_header``
+        The header carrying the time a request has left, in whole
+        milliseconds, inbound and outbound (default ``x-request-timeout-ms``;
+        Envoy's is ``x-envoy-expected-rq-timeout-ms``).  Inbound it is
+        honoured only from ``trusted_peers`` (and in-house carriers), and
+        only ever narrows.
+    ``max_inbound_timeout``
+        The most an inbound remaining-time header may grant, in seconds.
     """
 
     #: ``ctxrelay.Policy.Route``: the route class, reachable from the public name.
@@ -226,6 +242,8 @@ class Policy:
     trust_in_house: bool = True
     max_baggage_fields: int = 64
     max_baggage_bytes: int = 8192
+    deadline_header: str = "x-request-timeout-ms"
+    max_inbound_timeout: float = 300.0
     # is_sensitive() runs per field per outgoing request: remember the answers.
     _verdicts: dict[str, bool] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
@@ -234,6 +252,14 @@ class Policy:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sensitive", _lowered(self.sensitive) | DEFAULT_SENSITIVE)
         object.__setattr__(self, "request_id_header", self.request_id_header.lower())
+        if not isinstance(self.deadline_header, str) or not _HEADER_NAME.match(
+            self.deadline_header
+        ):
+            raise ValueError(f"deadline_header {self.deadline_header!r} is not a header name")
+        object.__setattr__(self, "deadline_header", self.deadline_header.lower())
+        cap = self.max_inbound_timeout
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap <= 86400:
+            raise ValueError(f"max_inbound_timeout is seconds in [0, 86400], not {cap!r}")
         capture = _lowered(self.capture)
         for name in capture:
             if not _HEADER_FIELD.match(name):

@@ -38,7 +38,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _strict
-from ._context import DETACHED, Context, current, enter, root_of
+from ._context import DETACHED, Context, current, enter, read_current, root_of
 from ._cpython import (
     STDLIB_SUBMIT,
     THREAD_TAKES_CONTEXT,
@@ -46,6 +46,7 @@ from ._cpython import (
     make_relaying_submit,
     swap_done_callbacks,
 )
+from ._deadline import run_unless_expired
 from ._lifetime import started_by_library
 
 __all__ = [
@@ -90,7 +91,17 @@ class _Task(functools.partial[Any]):
 def _task(fn: Callable[..., Any]) -> Callable[..., Any]:
     if type(fn) is _Task:
         return fn
+    if _bounded():
+        # Work with a deadline is not started once it passed (or once its
+        # request was cancelled): its future fails with that instead.
+        return _Task(_copy_context().run, run_unless_expired, fn)
     return _Task(_copy_context().run, fn)
+
+
+def _bounded() -> bool:
+    """Whether the current work has a deadline or a cancellation to honour."""
+    ctx = read_current()
+    return ctx._deadline is not None or ctx._cancel is not None
 
 
 class _ProcessTask:
@@ -121,7 +132,7 @@ def _bound_call(
         _log.warning("ctxrelay: a process task arrived without a valid Context; running without")
         context = Context()
     enter(context)
-    return fn(*args, **kwargs)
+    return run_unless_expired(fn, *args, **kwargs)
 
 
 def relayed_task(executor: Executor, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -214,7 +225,7 @@ class _Mirror(_RelayFuture, Generic[T]):
 
 def new_relaying_submit() -> Callable[..., Future[Any]] | None:
     """A fresh relaying twin of the standard ``submit`` (see ``_cpython``)."""
-    return make_relaying_submit(_Task, _RelayFuture)
+    return make_relaying_submit(_Task, _RelayFuture, _bounded, run_unless_expired)
 
 
 #: The relaying twin of ``ThreadPoolExecutor.submit``, or ``None`` where this
@@ -585,7 +596,9 @@ class _AsyncCall(Generic[P, R]):
             # Its submit may fork the workers: from an empty context.
             inner = fork_clean(executor.submit, task, *args, **kwargs)
         else:
-            inner = executor.submit(_Task(captured.run, self.__wrapped__), *args, **kwargs)
+            fn = self.__wrapped__
+            guarded = (run_unless_expired, fn) if _bounded() else (fn,)
+            inner = executor.submit(_Task(captured.run, *guarded), *args, **kwargs)
         return _watch(inner, captured, self._name)
 
     def __get__(self, obj: object, objtype: type | None = None) -> Any:

@@ -26,12 +26,15 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from time import monotonic
 from typing import Any
 
 from .. import _policy
-from .._context import REQUEST_ID, begin, finish
+from .._context import REQUEST_ID, Cancellation, Context, begin, finish
+from .._deadline import check_timeout, deadline_of, for_request
 from .._inbound import Door, RequestIdValidator, open_asgi, valid_request_id
 
 __all__ = ["RelayMiddleware", "valid_request_id"]
@@ -64,11 +67,19 @@ class RelayMiddleware:
         while the context is still bound, so that line carries the request id
         (the server's own "Exception in ASGI application" line runs after the
         reset and cannot).
+    ``timeout``
+        A default deadline for every request, in seconds (Spring's
+        ``setDefaultTimeout``); a trusted caller's remaining-time header can
+        only narrow it.  When it passes, the handler is cancelled: answered
+        504 with the request id if the response has not started, closed if
+        it has.  With a deadline, a client disconnect cancels the request
+        too (``ctxrelay.cancelled()``/``checkpoint()``; pool tasks not yet
+        started fail with ``RequestCancelled``).
 
     ``lifespan`` and other scope types pass through untouched.
     """
 
-    __slots__ = ("_door", "app", "echo", "log_errors")
+    __slots__ = ("_door", "app", "echo", "log_errors", "timeout")
 
     def __init__(
         self,
@@ -78,11 +89,13 @@ class RelayMiddleware:
         validator: RequestIdValidator | None = None,
         echo: bool = True,
         log_errors: bool = True,
+        timeout: float | None = None,
     ) -> None:
         self.app = app
         self._door = Door(header_name, validator)
         self.echo = echo
         self.log_errors = log_errors
+        self.timeout = check_timeout(timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")
@@ -96,6 +109,9 @@ class RelayMiddleware:
         ctx = open_asgi(door, scope, plan)
         if self.echo and plan.name_bytes is not None:
             send = _echoing(send, (plan.name_bytes, ctx._fields[REQUEST_ID].encode("latin-1")))
+        if self.timeout is not None or deadline_of(ctx) is not None:
+            await _bounded(self, scope, receive, send, ctx)
+            return
         token = begin(ctx)
         try:
             await self.app(scope, receive, send)
@@ -105,6 +121,140 @@ class RelayMiddleware:
             raise
         finally:
             finish(token, ctx)
+
+
+async def _bounded(
+    door: RelayMiddleware, scope: Scope, receive: Receive, send: Send, ctx: Context
+) -> None:
+    """The request under a deadline (``timeout=``, or one a trusted caller
+    sent): when it passes, the handler is cancelled -- answered 504 with the
+    request id if the response has not started, closed if it has -- and a
+    client that disconnects cancels the request (``ctxrelay.cancelled()``,
+    ``checkpoint()``, pool tasks not started yet)."""
+    ctx, cancel = for_request(ctx, door.timeout)
+    at = deadline_of(ctx)
+    exchange = _Exchange(receive, send, cancel, scope.get("type") == "http")
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    fired = False
+
+    def fire() -> None:
+        nonlocal fired
+        fired = True
+        cancel.cancel("the deadline passed")
+        if task is not None:
+            task.cancel("ctxrelay: the request's deadline passed")
+
+    handle = None if at is None else loop.call_at(loop.time() + (at - monotonic()), fire)
+    token = begin(ctx)
+    try:
+        await door.app(scope, exchange.receive, exchange.send)
+    except asyncio.CancelledError:
+        if not fired:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+        if uncancel is not None:
+            uncancel()
+        _log_deadline(scope)
+        if not exchange.started and scope.get("type") == "http":
+            await _answer_504(send, ctx)
+    except Exception:
+        if door.log_errors:
+            _log_error(scope)
+        raise
+    finally:
+        if handle is not None:
+            handle.cancel()
+        exchange.close()
+        finish(token, ctx)
+
+
+class _Exchange:
+    """The app's side of receive/send under a deadline: whether the response
+    started, and a client disconnect seen as soon as it happens.
+
+    For HTTP, one pump is the only reader of the server's ``receive`` and
+    the app reads from it: so a disconnect is seen even while the handler
+    does not read at all (a sync endpoint in a thread).  The pump stays at
+    most one message ahead of the app (an upload is never buffered whole),
+    and once the client is gone every further ``receive`` answers
+    ``http.disconnect``, as servers do.
+    """
+
+    __slots__ = ("_cancel", "_gone", "_pump", "_queue", "_receive", "_send", "started")
+
+    def __init__(self, receive: Receive, send: Send, cancel: Cancellation, http: bool) -> None:
+        self._receive = receive
+        self._send = send
+        self._cancel = cancel
+        self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
+        self._gone: Message | None = None
+        self.started = False
+        self._pump = asyncio.ensure_future(self._read_ahead()) if http else None
+
+    async def receive(self) -> Message:
+        if self._pump is None:
+            message = await self._receive()
+            self._watch(message)
+            return message
+        if self._gone is not None and self._queue.empty():
+            return self._gone
+        return await self._queue.get()
+
+    def _watch(self, message: Message) -> bool:
+        kind = message.get("type")
+        if kind == "http.disconnect" or kind == "websocket.disconnect":
+            self._cancel.cancel("the client disconnected")
+            return True
+        return False
+
+    async def _read_ahead(self) -> None:
+        while True:
+            message = await self._receive()
+            if self._watch(message):
+                self._gone = message
+                if self._queue.empty():
+                    self._queue.put_nowait(message)
+                return
+            await self._queue.put(message)  # waits for the app: one message ahead
+
+    async def send(self, message: Message) -> None:
+        kind = message.get("type")
+        if kind == "http.response.start" or kind == "websocket.accept":
+            self.started = True
+        await self._send(message)
+
+    def close(self) -> None:
+        if self._pump is not None and not self._pump.done():
+            self._pump.cancel()
+
+
+async def _answer_504(send: Send, ctx: Context) -> None:
+    body = b"deadline exceeded (request id " + ctx[REQUEST_ID].encode("latin-1") + b")\n"
+    try:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 504,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode("ascii")),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+    except Exception:  # the client may be gone already: nothing to answer
+        _errors.debug("ctxrelay: could not send the 504", exc_info=True)
+
+
+def _log_deadline(scope: Scope) -> None:
+    from .._escape import log_text
+
+    _errors.error(
+        "deadline exceeded in %s %s",
+        log_text(scope.get("method", "WEBSOCKET")),
+        log_text(scope.get("path", "?")),
+    )
 
 
 def _echoing(send: Send, header: tuple[bytes, bytes]) -> Send:

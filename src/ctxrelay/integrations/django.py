@@ -12,6 +12,7 @@ request's context bound::
         "header_name": "x-correlation-id",    # default: the policy's, x-request-id
         "validator": "myproject.ids.accept",  # a callable or its dotted path
         "echo": True,                         # send the id back on the response
+        "timeout": 4.0,                       # a default deadline per request, seconds
     }
 
 The middleware is both sync and async capable, so Django never adapts it
@@ -40,15 +41,17 @@ except ImportError as exc:  # pragma: no cover - exercised without Django only
     ) from exc
 
 from .._context import REQUEST_ID, Context, begin, enter, finish, leave
+from .._deadline import check_timeout, deadline_of, for_request
 from .._inbound import Door, open_asgi, open_wsgi
 
-__all__ = ["RelayMiddleware", "door_from_settings"]
+__all__ = ["RelayMiddleware", "door_from_settings", "timeout_from_settings"]
 
-_KEYS = frozenset({"header_name", "validator", "echo"})
+_KEYS = frozenset({"header_name", "validator", "echo", "timeout"})
 
 
 def door_from_settings() -> tuple[Door, bool]:
-    """The door and the echo flag configured by ``settings.CTXRELAY``.
+    """The door and the echo flag configured by ``settings.CTXRELAY``
+    (its ``timeout`` is read by :func:`timeout_from_settings`).
 
     A misconfiguration raises ``ImproperlyConfigured`` at start-up, where it
     belongs, never on a request.
@@ -74,6 +77,15 @@ def door_from_settings() -> tuple[Door, bool]:
     return door, echo
 
 
+def timeout_from_settings() -> float | None:
+    """``settings.CTXRELAY['timeout']``: a default deadline per request, seconds."""
+    config: Any = getattr(settings, "CTXRELAY", None) or {}
+    try:
+        return check_timeout(config.get("timeout"), "settings.CTXRELAY['timeout']")
+    except (TypeError, ValueError) as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
+
+
 class RelayMiddleware:
     """Bind the request's ``Context`` (fields, request id, snapshot) for the
     rest of the middleware chain and the view; reset by token afterwards.
@@ -88,6 +100,7 @@ class RelayMiddleware:
     def __init__(self, get_response: Callable[[Any], Any]) -> None:
         self.get_response = get_response
         self._door, self._echo = door_from_settings()
+        self._timeout = timeout_from_settings()
         self._async = iscoroutinefunction(get_response)
         if self._async:
             markcoroutinefunction(self)
@@ -115,8 +128,14 @@ class RelayMiddleware:
     def _open(self, request: Any) -> Context:
         scope = getattr(request, "scope", None)  # ASGIRequest keeps the raw scope
         if isinstance(scope, dict):
-            return open_asgi(self._door, scope)
-        return open_wsgi(self._door, request.META)
+            ctx = open_asgi(self._door, scope)
+        else:
+            ctx = open_wsgi(self._door, request.META)
+        if self._timeout is not None or deadline_of(ctx) is not None:
+            # Bound, not enforced: Django runs the view to its end (sync code
+            # checks ctxrelay.checkpoint(); pools and calls honour it).
+            ctx = for_request(ctx, self._timeout)[0]
+        return ctx
 
     def _finish(self, response: Any, ctx: Context) -> Any:
         name = self._door.header_name

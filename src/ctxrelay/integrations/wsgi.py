@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._context import REQUEST_ID, Context, begin, enter, finish, leave
+from .._deadline import check_timeout, deadline_of, for_request
 from .._inbound import Door, RequestIdValidator, open_wsgi, valid_request_id
 
 if TYPE_CHECKING:
@@ -44,9 +45,15 @@ class RelayMiddleware:
 
     ``header_name``, ``validator``, ``echo`` and ``log_errors`` mean what they
     mean for :class:`ctxrelay.integrations.asgi.RelayMiddleware`.
+
+    ``timeout``
+        A default deadline per request, in seconds.  WSGI cannot interrupt
+        the app: the deadline is bound (``ctxrelay.remaining()``,
+        ``checkpoint()``), pool tasks not started by then fail with
+        ``DeadlineExceeded``, and downstream calls get the time left.
     """
 
-    __slots__ = ("_door", "app", "echo", "log_errors")
+    __slots__ = ("_door", "app", "echo", "log_errors", "timeout")
 
     def __init__(
         self,
@@ -56,14 +63,18 @@ class RelayMiddleware:
         validator: RequestIdValidator | None = None,
         echo: bool = True,
         log_errors: bool = True,
+        timeout: float | None = None,
     ) -> None:
         self.app = app
         self._door = Door(header_name, validator)
         self.echo = echo
         self.log_errors = log_errors
+        self.timeout = check_timeout(timeout)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         ctx = open_wsgi(self._door, environ)
+        if self.timeout is not None or deadline_of(ctx) is not None:
+            ctx = for_request(ctx, self.timeout)[0]
         if self.echo:
             start_response = _echoing(start_response, self._door.header_name, ctx[REQUEST_ID])
         token = begin(ctx)
