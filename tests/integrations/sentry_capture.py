@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import sentry_sdk
+from sentry_sdk import Scope
 from sentry_sdk.envelope import Envelope
 from sentry_sdk.transport import Transport
 
@@ -31,6 +32,7 @@ __all__ = [
     "init",
     "init_in_child",
     "read_events",
+    "reset",
     "sentry",
 ]
 
@@ -120,7 +122,13 @@ def sentry(
     try:
         yield
     finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
-        sentry_sdk.get_isolation_scope().clear()
-        sentry_sdk.get_current_scope().clear()
+        reset()
+
+
+def reset() -> None:
+    """Close the client, and reset the global scope and this thread's
+    scopes (through ``Scope``: sentry-sdk 2.0 has no top-level helpers)."""
+    sentry_sdk.get_client().close()
+    Scope.get_global_scope().set_client(None)
+    Scope.get_isolation_scope().clear()
+    Scope.get_current_scope().clear()

@@ -53,6 +53,7 @@ from tests.integrations.sentry_capture import (
     DirectoryTransport,
     init_in_child,
     read_events,
+    reset,
     sentry,
 )
 from tests.integrations.sentry_celery_app import FAIL, PING, POLICY, make_app
@@ -362,7 +363,7 @@ def test_a_transaction_started_in_a_request_carries_it() -> None:
     with sentry(transport):
         with ctxrelay.bind(request_id="req-t", user="bob"):
             with sentry_sdk.start_transaction(name="checkout"):
-                with sentry_sdk.start_span(name="charge"):
+                with sentry_sdk.start_span(op="charge"):
                     pass
     (transaction,) = transport.of_type("transaction")
     assert transaction["tags"] == {"request_id": "req-t"}
@@ -448,8 +449,7 @@ def test_a_client_without_the_integration_gets_nothing() -> None:
         with ctxrelay.bind(request_id="req-none"):
             event = capture(transport)
     finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
+        reset()
     assert CONTEXT not in (event.get("contexts") or {})
     assert "request_id" not in (event.get("tags") or {})
 
