@@ -140,3 +140,31 @@ def test_a_single_name_given_as_a_str_is_one_name_not_its_letters() -> None:
     assert not policy.is_sensitive("x")
     assert policy.local == frozenset({"tenant"})
     assert policy.capture == frozenset({"x-gray"})
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["https://api.example.com", "api.example.com:443", "*.*.example.com", "10.0.0.0/33", "", "a b"],
+)
+def test_a_host_pattern_that_could_never_match_is_refused_when_the_policy_is_built(
+    pattern: str,
+) -> None:
+    with pytest.raises(ValueError, match="accepted"):
+        Policy.Route(hosts=(pattern,))
+
+
+@pytest.mark.parametrize("peer", ["10.0.0.0/8:99999", "10.0.0.1:0", "bad host", "10.0.0.0/40"])
+def test_a_trusted_peer_that_could_never_match_is_refused(peer: str) -> None:
+    with pytest.raises(ValueError, match="trusted_peers"):
+        Policy(trusted_peers=(peer,))
+
+
+def test_every_accepted_form_still_builds_and_matches() -> None:
+    route = Policy.Route(hosts=("*.internal.example", "10.0.0.0/8", "::1", "API.example.com."))
+    assert route.hosts == ("*.internal.example", "10.0.0.0/8", "::1", "api.example.com")
+    policy = Policy(trusted_peers=("10.0.0.1:5000", "[::1]:8000", "fd00::/8"))
+    assert policy.trusts("10.0.0.1:5000")
+    assert policy.trusts("[::1]:8000")
+    assert policy.trusts("[fd00::5]:1")
+    with pytest.raises(ValueError, match="port"):
+        Policy.Route(ports=frozenset({70000}))

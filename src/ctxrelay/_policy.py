@@ -24,6 +24,7 @@ __all__ = [
     "Policy",
     "Route",
     "active",
+    "check_host_pattern",
     "configure",
     "host_matches",
     "peer_of_client",
@@ -117,6 +118,66 @@ def host_matches(pattern: str, host: str) -> bool:
     return host == pattern.strip("[]")
 
 
+_HOST_ACCEPTED = (
+    "accepted: '*', an exact host ('api.example.com', '127.0.0.1', '::1'), "
+    "'*.example.com' (its subdomains) or a CIDR network ('10.0.0.0/8')"
+)
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)\Z")
+
+
+def check_host_pattern(pattern: object, where: str) -> str:
+    """``pattern`` lowercased, or a ``ValueError`` naming it and the accepted forms.
+
+    A pattern that can never match (a URL, a port glued on, ``*.*.x``, a
+    CIDR with a bad prefix) was silently useless before: now it is refused
+    when the policy is built.
+    """
+    if not isinstance(pattern, str):
+        raise TypeError(f"{where}: host patterns are str, not {type(pattern).__name__}")
+    text = pattern.strip().lower().rstrip(".")
+    problem = None
+    if not text:
+        problem = "it is empty"
+    elif text == "*":
+        return text
+    elif "://" in text or "/" in text.split("/", 1)[0]:
+        problem = "it is a URL: give the host alone (routes have schemes= and ports=)"
+    elif "/" in text:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError as exc:
+            problem = f"it is not a CIDR network ({exc})"
+    else:
+        host = text.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+            return host
+        except ValueError:
+            pass
+        labels = host[2:].split(".") if host.startswith("*.") else host.split(".")
+        if ":" in host:
+            problem = "a port does not belong in a host pattern (use ports=, or 'host:port' peers)"
+        elif "*" in "".join(labels) or not all(_LABEL.match(label) for label in labels):
+            problem = "it is not a host name ('*' only as a whole leading label: '*.example.com')"
+    if problem is not None:
+        raise ValueError(f"{where}: invalid host pattern {pattern!r}: {problem}; {_HOST_ACCEPTED}")
+    return text
+
+
+def check_peer_pattern(pattern: object) -> str:
+    """A ``trusted_peers`` entry: a host pattern, optionally with ``:port``."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"trusted_peers: entries are str, not {type(pattern).__name__}")
+    host, port = _split_peer(pattern)
+    if port is not None and not (port.isdigit() and 0 < int(port) <= 65535):
+        raise ValueError(
+            f"trusted_peers: invalid port in {pattern!r}: a port is 1-65535; "
+            f"{_HOST_ACCEPTED}, optionally followed by ':port' ('[::1]:8000' for IPv6)"
+        )
+    check_host_pattern(host, "trusted_peers")
+    return pattern.strip().lower()
+
+
 @dataclass(frozen=True)
 class Route:
     """What one class of destinations receives from the outgoing context.
@@ -156,7 +217,14 @@ class Route:
 
     def __post_init__(self) -> None:
         hosts = (self.hosts,) if isinstance(self.hosts, str) else tuple(self.hosts)
-        object.__setattr__(self, "hosts", tuple(h.lower().rstrip(".") for h in hosts))
+        if not hosts:
+            raise ValueError(f"Route(hosts=...) is empty; {_HOST_ACCEPTED}")
+        object.__setattr__(
+            self, "hosts", tuple(check_host_pattern(h, "Route.hosts") for h in hosts)
+        )
+        for port in self.ports:
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
+                raise ValueError(f"Route.ports: {port!r} is not a port (1-65535)")
         object.__setattr__(self, "schemes", _lowered(self.schemes))
         object.__setattr__(self, "ports", frozenset(self.ports))
         object.__setattr__(self, "headers", _lowered(self.headers))
@@ -270,7 +338,7 @@ class Policy:
         routes = (self.routes,) if isinstance(self.routes, _Route) else tuple(self.routes)
         object.__setattr__(self, "routes", routes)
         peers = (self.trusted_peers,) if isinstance(self.trusted_peers, str) else self.trusted_peers
-        object.__setattr__(self, "trusted_peers", tuple(p.lower() for p in peers))
+        object.__setattr__(self, "trusted_peers", tuple(check_peer_pattern(p) for p in peers))
 
     def route(self, destination: str | None) -> tuple[_Route, Origin | None]:
         """The route for a destination URL (``None``: the in-house carrier)."""
