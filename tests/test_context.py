@@ -670,3 +670,37 @@ def test_a_scope_exited_in_another_context_leaves_that_context_as_it_is(
     second.run(scope.__exit__, None, None, None)
     assert second.run(current) is before
     assert "exited in another context" in caplog.text
+
+
+def test_bind_decorates_functions_and_coroutines_binding_afresh_each_call() -> None:
+    import asyncio
+
+    @bind(job="nightly")
+    def run(n: int) -> tuple[str | None, int]:
+        return ctxrelay.get("job"), n
+
+    @bind(job="async")
+    async def arun() -> str | None:
+        return ctxrelay.get("job")
+
+    with bind(user="alice"):
+        assert run(1) == ("nightly", 1)
+        assert asyncio.run(arun()) == "async"
+        assert ctxrelay.get("user") == "alice"
+        assert ctxrelay.get("job") is None
+    results: list[str | None] = []
+    threads = [threading.Thread(target=lambda: results.append(run(0)[0])) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["nightly"] * 8  # one decorated function, many threads at once
+    assert run.__name__ == "run"
+    with pytest.raises(TypeError, match="callable"):
+        bind(x="1")("not callable")  # type: ignore[arg-type]
+
+
+def test_get_with_a_str_default_is_typed_and_answers_a_str() -> None:
+    value: str = ctxrelay.get("missing", "fallback")
+    assert value == "fallback"
+    assert ctxrelay.get("missing", default="d") == "d"

@@ -14,6 +14,7 @@ def test_all_is_sorted_and_pinned() -> None:
         "ProcessPoolExecutor",
         "RequestCancelled",
         "RequestSnapshot",
+        "Scope",
         "Thread",
         "ThreadPoolExecutor",
         "Timer",

@@ -41,7 +41,7 @@ def _instrumented() -> Iterator[None]:
         ctxrelay.uninstrument()
 
 
-def _as_alice() -> ctxrelay._context._Scope:
+def _as_alice() -> ctxrelay.Scope:
     return ctxrelay.bind(request_id="req-alice", user="alice", cookie="session=alice")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib as _contextlib
 
 from . import _strict
-from ._context import Context, bind, current, detached, get, request, request_id, use
+from ._context import Context, Scope, bind, current, detached, get, request, request_id, use
 from ._deadline import (
     DeadlineExceeded,
     RequestCancelled,
@@ -45,6 +45,7 @@ __all__ = [
     "ProcessPoolExecutor",
     "RequestCancelled",
     "RequestSnapshot",
+    "Scope",
     "Thread",
     "ThreadPoolExecutor",
     "Timer",

@@ -8,15 +8,16 @@ starlette-context, whose per-request dict is shared by reference).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from time import monotonic as _monotonic
 from types import FrameType, TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from . import _strict
 from ._otel import end_use, note_use
@@ -72,6 +73,8 @@ _BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def validate_field(name: object, value: object) -> None:
@@ -169,7 +172,7 @@ class Context(Mapping[str, str]):
     _hash: int | None
     # The context a bind() scope replaced when it made this one (None for
     # every other context): how a late or foreign scope exit tells whether
-    # the state it would restore has already been unwound (see _Scope).
+    # the state it would restore has already been unwound (see Scope).
     _base: Context | None
     # When the work must be done by: a time.monotonic() instant, or None.
     # Not a field: it never travels as a value, only as the time remaining
@@ -356,7 +359,13 @@ def current() -> Context:
     return _CURRENT.get()
 
 
-def get(name: str, default: str | None = None) -> str | None:
+@overload
+def get(name: str) -> str | None: ...
+@overload
+def get(name: str, default: str) -> str: ...
+@overload
+def get(name: str, default: _T) -> str | _T: ...
+def get(name: str, default: object = None) -> object:
     """One field of :func:`current`, or ``default``."""
     return _CURRENT.get()._fields.get(name, default)
 
@@ -371,8 +380,11 @@ def request() -> RequestSnapshot | None:
     return _CURRENT.get()._request
 
 
-class _Scope:
-    """Binds a context for a ``with`` block and resets it by token on exit.
+class Scope:
+    """What :func:`bind`, :func:`use` and :func:`detached` return: a context
+    manager that binds a context for a ``with`` block and resets it by token
+    on exit -- and a decorator (``@ctxrelay.bind(job="nightly")``) that binds
+    afresh around each call of a function or coroutine function.
 
     The reset is by token, never by setting an "empty" value, so nested and
     interleaved scopes restore exactly what was there (asgi-correlation-id
@@ -394,6 +406,31 @@ class _Scope:
     def __enter__(self) -> Context:
         raise NotImplementedError
 
+    def _fresh(self) -> Scope:
+        raise NotImplementedError
+
+    def __call__(self, fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        """Decorate ``fn``: each call runs inside a fresh copy of this scope
+        (structlog's ``bound_contextvars``), sync or ``async def``."""
+        if not callable(fn):
+            raise TypeError(f"a ctxrelay scope decorates a callable, not {type(fn).__name__}")
+        fresh = self._fresh
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def bound_async(*args: Any, **kwargs: Any) -> Any:
+                with fresh():
+                    return await fn(*args, **kwargs)
+
+            return bound_async  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def bound(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            with fresh():
+                return fn(*args, **kwargs)
+
+        return bound
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -413,7 +450,7 @@ class _Scope:
         _exit(token, self)
 
 
-class _Bind(_Scope):
+class _Bind(Scope):
     """``bind()``: the current context plus some fields."""
 
     __slots__ = ("_fields",)
@@ -421,6 +458,9 @@ class _Bind(_Scope):
     def __init__(self, fields: dict[str, str]) -> None:
         self._fields = fields
         self._token = None
+
+    def _fresh(self) -> Scope:
+        return _BIND(self._fields)
 
     def __enter__(self) -> Context:
         if self._token is not None:
@@ -439,7 +479,7 @@ class _Bind(_Scope):
         return ctx
 
 
-class _Use(_Scope):
+class _Use(Scope):
     """``use()``: another owner's context (a message's, a job's), as it is."""
 
     __slots__ = ("_otel",)
@@ -448,6 +488,9 @@ class _Use(_Scope):
         self._ctx = ctx
         self._token = None
         self._otel: Token[object] | None = None
+
+    def _fresh(self) -> Scope:
+        return _USE(self._ctx)  # type: ignore[arg-type]  # set in __init__
 
     def __enter__(self) -> Context:
         if self._token is not None:
@@ -469,7 +512,7 @@ class _Use(_Scope):
         if self._otel is not None and self._token is not None:
             end_use(self._otel)
             self._otel = None
-        _Scope.__exit__(self, exc_type, exc, tb)
+        Scope.__exit__(self, exc_type, exc, tb)
 
 
 _modules = sys.modules
@@ -584,7 +627,7 @@ class _StrictBind(_Bind):
     and notes when an outermost one ends (its unit of work ended).
 
     ``_site`` is set only when sampled; an unset slot reads as None through
-    ``getattr``.  The bodies of ``_Bind.__enter__`` and ``_Scope.__exit__``
+    ``getattr``.  The bodies of ``_Bind.__enter__`` and ``Scope.__exit__``
     are repeated here on purpose: a call to them would cost every entry
     while strict mode is on (the staging rate's budget is 10%).
     """
@@ -659,7 +702,7 @@ def _switch_strict(on: bool) -> None:
     _BIND, _USE = (_StrictBind, _StrictUse) if on else (_Bind, _Use)
 
 
-def _exit(token: Token[Context], scope: _Scope) -> None:
+def _exit(token: Token[Context], scope: Scope) -> None:
     """The rare exits: out of order, or where the scope's context is not bound.
 
     A scope may restore only while its own context ``ctx`` is still on the
@@ -718,7 +761,7 @@ def _exited_at(frame: FrameType) -> _strict.Site | None:
     return _strict.site_of(frame)
 
 
-def _report_exit(kind: str, how: str, scope: _Scope | None = None) -> None:
+def _report_exit(kind: str, how: str, scope: Scope | None = None) -> None:
     try:
         # Up past ctxrelay's own exit frames to the frame of the with
         # statement (where the scope was entered: its exit runs on that line),
@@ -757,7 +800,7 @@ def _report_exit(kind: str, how: str, scope: _Scope | None = None) -> None:
         pass
 
 
-def bind(fields: Mapping[str, str] | None = None, /, **more: str) -> _Scope:
+def bind(fields: Mapping[str, str] | None = None, /, **more: str) -> Scope:
     """Context manager: ``fields`` are bound inside the block.
 
     The fields are validated here, so a bad one raises at the call site.  On
@@ -770,7 +813,7 @@ def bind(fields: Mapping[str, str] | None = None, /, **more: str) -> _Scope:
     return _BIND(more)
 
 
-def detached() -> _Scope:
+def detached() -> Scope:
     """Context manager: no fields inside the block, and nothing of the
     request reaches what the block starts.
 
@@ -785,7 +828,7 @@ def detached() -> _Scope:
     return _USE(DETACHED)
 
 
-def use(ctx: Context) -> _Scope:
+def use(ctx: Context) -> Scope:
     """Context manager: make ``ctx`` (from :func:`extract`, a message, ...) current."""
     if not isinstance(ctx, Context):
         raise TypeError(f"use() takes a ctxrelay.Context, not {type(ctx).__name__}")
@@ -795,7 +838,7 @@ def use(ctx: Context) -> _Scope:
 # Frames of ctxrelay's own scope exits, skipped to find the with statement.
 _EXIT_CODES = frozenset(
     {
-        _Scope.__exit__.__code__,
+        Scope.__exit__.__code__,
         _Use.__exit__.__code__,
         _StrictBind.__exit__.__code__,
         _exit.__code__,
