@@ -60,6 +60,30 @@ Decisions, and the holes they close:
   empty context and logs an error.  Malformed or oversized input likewise
   runs with an empty context, with a warning.  The worker keeps serving.
 
+Deadlines (``ctxrelay.deadline``, a door's ``timeout=``): a task published
+while a deadline is bound
+
+* **expires at the deadline**: ``before_task_publish`` sets the message's
+  ``expires`` to now plus the time remaining, or keeps the caller's own
+  ``expires`` when that is earlier (never lengthened).  The time remaining
+  travels in the carrier too, re-read against the worker's own clock.
+* **is not run once the deadline passed** -- whether it arrived expired, sat
+  in the queue past it, or was delayed past it (``countdown``/``eta``):
+  Celery's own expiry check discards it, so the result is Celery's
+  ``REVOKED`` state (``AsyncResult.get()`` raises ``TaskRevokedError``; the
+  reason stored is ``expired``), and ``task_revoked`` makes this module log
+  a warning *with the request's context bound* -- the request id on the
+  line: ``ctxrelay: task 't.x' id '...' not run: its deadline passed before
+  it started``.  We chose Celery's state over a ``DeadlineExceeded`` failure
+  because Celery already checks ``expires`` at receipt and again right
+  before the pool runs the task, and monitoring (Flower, events) shows it.
+* **runs with the time it has left**: the worker binds the carried deadline
+  narrowed by the time the message spent in the broker (the deadline's
+  wall-clock instant travels in the ``ctxrelay-deadline`` header, next to
+  Celery's ``expires``, which is wall-clock too).  ``ctxrelay.remaining()``
+  in the task is smaller than what the publisher had; ``checkpoint()`` stops
+  a task whose deadline passes while it runs.
+
 The publish signal does not say which app publishes, so one process has one
 configuration: every installed app must use the same secret.
 """
@@ -70,6 +94,8 @@ import logging
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from time import monotonic
 from typing import Any
 
 try:
@@ -90,9 +116,14 @@ from .._carrier import (
     restore,
     with_local,
 )
-from .._context import Context, begin, current, enter, leave
+from .._context import Context, begin, current, enter, leave, narrowed, use
+from .._deadline import deadline_of, remaining_ms
 
 __all__ = ["KEY", "TASK_ID", "TASK_PARENT_ID", "TASK_ROOT_ID", "Signer", "install", "uninstall"]
+
+#: The message header holding the deadline's wall-clock instant (ISO 8601,
+#: UTC), set next to ``expires`` when a deadline is bound at publish.
+_DEADLINE_KEY = "ctxrelay-deadline"
 
 _log = logging.getLogger("ctxrelay")
 
@@ -164,11 +195,13 @@ def _connect() -> None:
     signals.before_task_publish.connect(_on_publish, weak=False, dispatch_uid=_UID)
     signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid=_UID)
     signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid=_UID)
+    signals.task_revoked.connect(_on_revoked, weak=False, dispatch_uid=_UID)
 
 
 def _disconnect() -> None:
     signals.before_task_publish.disconnect(_on_publish, dispatch_uid=_UID)
     signals.task_prerun.disconnect(_on_prerun, dispatch_uid=_UID)
+    signals.task_revoked.disconnect(_on_revoked, dispatch_uid=_UID)
     # task_postrun stays connected: a task bound before uninstall() must still
     # have its token reset when it ends, or its context stays on the worker
     # thread.  With nothing bound the handler finds no token and does nothing.
@@ -192,28 +225,84 @@ def _on_publish(
             # A retry copies its request's headers: what counts is the
             # context at publish time, which here is none.
             headers.pop(KEY, None)
+        _expire_at_deadline(headers, body)
     except Exception:
         _log.exception("ctxrelay: could not put the context on task %r", sender)
 
 
-def _carried(request: Any) -> object:
-    """The carrier wherever the message put it (celery #4875).
+def _wall_instant(value: object) -> datetime | None:
+    """An ``expires``/deadline header as an aware datetime, or None."""
+    if isinstance(value, datetime):
+        when = value
+    elif isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    # Celery's worker reads a naive instant as local time: so do we.
+    return when if when.tzinfo is not None else when.astimezone()
+
+
+def _expire_at_deadline(headers: dict[Any, Any], body: object) -> None:
+    """Make the message expire at the publisher's deadline (never later than
+    an ``expires`` the caller set) and record the deadline's instant."""
+    left = remaining_ms(current())
+    if left is None:
+        # A retry copies its request's headers: no deadline now, none sent.
+        headers.pop(_DEADLINE_KEY, None)
+        return
+    at = datetime.now(timezone.utc) + timedelta(milliseconds=left)
+    # Protocol 2 has ``expires`` in the headers, protocol 1 in the body.
+    fields: dict[Any, Any] = headers if "task" in headers or not isinstance(body, dict) else body
+    own = fields.get("expires")
+    if own is not None:
+        theirs = _wall_instant(own)
+        if theirs is None:
+            # Unreadable: Celery's worker refuses it anyway; ours is not
+            # substituted for what the caller wrote.
+            headers[_DEADLINE_KEY] = at.isoformat()
+            return
+        at = min(at, theirs)  # never lengthen the caller's expires
+    fields["expires"] = at.isoformat()
+    headers[_DEADLINE_KEY] = at.isoformat()
+
+
+def _carried(request: Any, key: str = KEY) -> object:
+    """The carrier (or another header of ours) wherever the message put it
+    (celery #4875).
 
     Protocol 2 turns every message header into a ``request`` attribute;
     Celery 5 also collects custom headers in ``request.headers``; protocol 1
     puts the message headers there, and some versions nest them once more
     under ``headers``.
     """
-    found = request.__dict__.get(KEY)
+    found = request.__dict__.get(key)
     if found is not None:
         return found
     headers = getattr(request, "headers", None)
     if isinstance(headers, Mapping):
-        found = headers.get(KEY)
+        found = headers.get(key)
         nested = headers.get("headers")
         if found is None and isinstance(nested, Mapping):
-            found = nested.get(KEY)
+            found = nested.get(key)
     return found
+
+
+def _queued_time_out(request: Any, ctx: Context) -> Context:
+    """``ctx`` with its deadline narrowed by the time the message spent in the
+    broker.  The carried remaining time is re-read at receipt, so without this
+    a task that waited 4 s of its 5 would still get 5 s.  Only a context that
+    carried a deadline (and passed the signature check) is narrowed, and only
+    ever narrowed: the header cannot give a task a deadline or more time."""
+    if deadline_of(ctx) is None:
+        return ctx
+    at = _wall_instant(_carried(request, _DEADLINE_KEY))
+    if at is None:
+        return ctx
+    left = max(0.0, (at - datetime.now(timezone.utc)).total_seconds())
+    return narrowed(ctx, monotonic() + left)
 
 
 def _context_for(task: Any, state: _Installed) -> Context:
@@ -225,7 +314,9 @@ def _context_for(task: Any, state: _Installed) -> Context:
     else:
         source = f"task {str(task.name)[:100]!r} id {str(request.id)[:100]!r}"
         bound_to = binding(task.name or "", request.id or "")
-        base = restore(_carried(request), bound_to, state.signer, source=source)
+        base = _queued_time_out(
+            request, restore(_carried(request), bound_to, state.signer, source=source)
+        )
     return with_local(
         base,
         {TASK_ID: request.id, TASK_PARENT_ID: request.parent_id, TASK_ROOT_ID: request.root_id},
@@ -258,3 +349,25 @@ def _on_postrun(sender: object = None, task: Any = None, **_: Any) -> None:
             leave(token)
     except Exception:
         _log.exception("ctxrelay: could not reset the context after task %r", sender)
+
+
+def _on_revoked(
+    sender: object = None, request: Any = None, expired: object = False, **_: Any
+) -> None:
+    """Log a task Celery discarded because its deadline passed, with the
+    request's context bound, so the line carries the request id (Celery's own
+    "Discarding revoked task" line is logged outside any task context)."""
+    state = _state
+    if state is None or not expired or request is None:
+        return
+    try:
+        name = getattr(sender, "name", None) or getattr(request, "task", None) or ""
+        task_id = getattr(request, "id", None) or ""
+        source = f"task {str(name)[:100]!r} id {str(task_id)[:100]!r}"
+        ctx = restore(_carried(request), binding(name, task_id), state.signer, source=source)
+        if deadline_of(ctx) is None:
+            return  # expired by the caller's own ``expires``, not a deadline
+        with use(with_local(ctx, {TASK_ID: task_id})):
+            _log.warning("ctxrelay: %s not run: its deadline passed before it started", source)
+    except Exception:
+        _log.exception("ctxrelay: could not log the expiry of task %r", sender)
