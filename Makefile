@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ctxrelay-installed
-EXTRAS := dev,docs,demo,fastapi,flask,django,celery,rq,dramatiq,requests,httpx,aiohttp,structlog,loguru
+EXTRAS := dev,docs,demo,fastapi,flask,django,celery,rq,dramatiq,requests,httpx,aiohttp,structlog,loguru,grpc,nats,taskiq,reactivex,sentry,opentelemetry
 
 .PHONY: demo test lint typecheck docs pytest services bench dist test-matrix clean
 
@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	# arq pins redis<6, Celery needs >=6.4: arq works with the newer one.
+	$(PY) -m pip install --quiet --no-deps "arq>=0.28"
 	touch $(STAMP)
 
 # The demo has a venv of its own with only the demo extra (FastAPI, uvicorn,
