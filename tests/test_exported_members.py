@@ -79,7 +79,7 @@ INTEGRATIONS = {
     "dramatiq": ["ContextMiddleware", "MESSAGE_ID", "Signer", "install", "uninstall"],
     "requests": ["Session", "install", "uninstall"],
     "httpx": ["async_request_hook", "install", "request_hook", "uninstall"],
-    "aiohttp": ["trace_config"],
+    "aiohttp": ["install", "trace_config", "uninstall"],
     "aiohttp_server": ["RelayMiddleware", "setup"],
     "nats": ["KEY", "Signer", "bound", "context_of", "install", "uninstall"],
     "arq": ["JOB_ID", "KEY", "Signer", "install", "install_worker"],

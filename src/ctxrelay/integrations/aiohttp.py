@@ -16,11 +16,31 @@ and a hop to another origin (scheme, host or port) loses every sensitive
 header but ``Proxy-Authorization`` -- aiohttp itself drops only
 ``Authorization``, ``Cookie`` and ``Proxy-Authorization`` there (its own
 proxy credentials, from the proxy URL, never pass through these hooks).
+
+Deadlines: a ``TraceConfig`` cannot change a request's timeout, so
+:func:`install` does that part::
+
+    http = install(aiohttp.ClientSession(trace_configs=[trace_config()]))
+
+Under a deadline (``ctxrelay.deadline()``, a door's ``timeout=``, or one that
+arrived with the request) a call on an installed session fails at once with
+``ctxrelay.DeadlineExceeded`` (or ``RequestCancelled``) when no time is left,
+without touching the network; otherwise its ``ClientTimeout.total`` -- which
+covers the whole call, redirects and the body included -- becomes
+``min(its own, the time remaining)``, never longer than the caller's.  A
+timeout that fires once the deadline has passed is raised as
+``DeadlineExceeded``, an exception that is also aiohttp's
+``ServerTimeoutError`` and ``asyncio.TimeoutError``.  The trace config alone
+still refuses to start a request once the deadline passed.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from time import monotonic
 from types import SimpleNamespace
+from typing import Any
 from urllib.parse import urljoin
 
 try:
@@ -30,9 +50,32 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "ctxrelay.integrations.aiohttp needs aiohttp: pip install 'ctxrelay[aiohttp]'"
     ) from exc
 
+import attr
+from aiohttp.helpers import sentinel
+
+from .._context import current
+from .._deadline import DeadlineExceeded, deadline_of, expired
 from .._outbound import Sent, inject_hop
 
-__all__ = ["trace_config"]
+__all__ = ["install", "trace_config", "uninstall"]
+
+
+class _DeadlineTimeout(DeadlineExceeded, aiohttp.ServerTimeoutError):
+    """The deadline passed: a ``ctxrelay.DeadlineExceeded`` that is also the
+    ``aiohttp.ServerTimeoutError`` (an ``asyncio.TimeoutError``) callers
+    already catch."""
+
+
+def _check() -> float | None:
+    """The current deadline (a monotonic instant) or None; raises at once
+    when it passed or the request was cancelled."""
+    ctx = current()
+    error = expired(ctx)
+    if error is not None:
+        if isinstance(error, DeadlineExceeded):
+            raise _DeadlineTimeout(str(error))
+        raise error
+    return deadline_of(ctx)
 
 
 async def _on_request_start(
@@ -40,6 +83,7 @@ async def _on_request_start(
     trace: SimpleNamespace,
     params: aiohttp.TraceRequestStartParams,
 ) -> None:
+    _check()  # out of time: fail before any network
     # One trace context per request, kept across its redirect hops.
     trace.ctxrelay_sent = inject_hop(params.headers, str(params.url), None)
 
@@ -72,3 +116,58 @@ def trace_config() -> aiohttp.TraceConfig:
     config.on_request_start.append(_on_request_start)
     config.on_request_redirect.append(_on_request_redirect)
     return config
+
+
+_Request = Callable[..., Awaitable[aiohttp.ClientResponse]]
+
+
+def _clamped(own: aiohttp.ClientTimeout, at: float) -> aiohttp.ClientTimeout:
+    left = max(0.001, at - monotonic())
+    if own.total is not None and own.total <= left:
+        return own  # the caller's own is shorter: never lengthened
+    # aiohttp rounds a timeout of ceil_threshold (5 s) or more up to the next
+    # whole second: that would lengthen it past the deadline.
+    threshold = max(own.ceil_threshold, left + 1.0)
+    return attr.evolve(own, total=left, ceil_threshold=threshold)
+
+
+def install(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    """Bound every call of ``session`` by the current deadline; returns it.
+
+    Idempotent.  Headers come from :func:`trace_config`, given when the
+    session is made; this adds the deadline: fail at once when it passed,
+    clamp ``ClientTimeout.total`` to the time remaining, and report a
+    timeout the deadline caused as ``DeadlineExceeded``.
+    """
+    request: _Request = session._request
+    if getattr(request, "__name__", "") == "relaying_request":
+        return session
+
+    async def relaying_request(method: str, str_or_url: Any, **kwargs: Any) -> Any:
+        at = _check()
+        if at is None:
+            return await request(method, str_or_url, **kwargs)
+        own = kwargs.get("timeout", sentinel)
+        if own is sentinel:
+            own = session.timeout  # aiohttp's rule: the session's default
+        elif not isinstance(own, aiohttp.ClientTimeout):
+            own = aiohttp.ClientTimeout(total=own)  # aiohttp's rule: a number is the total
+        kwargs["timeout"] = _clamped(own, at)
+        try:
+            return await request(method, str_or_url, **kwargs)
+        except asyncio.TimeoutError as exc:
+            if isinstance(exc, DeadlineExceeded) or monotonic() < at:
+                raise
+            raise _DeadlineTimeout("the deadline passed during the call") from exc
+
+    # An instance attribute, set as aiohttp's debug mode allows: every verb
+    # (get, post, request, ws_connect) goes through session._request.
+    object.__setattr__(session, "_request", relaying_request)
+    return session
+
+
+def uninstall(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    """Undo :func:`install`; returns ``session``.  Idempotent."""
+    if getattr(vars(session).get("_request"), "__name__", "") == "relaying_request":
+        object.__delattr__(session, "_request")
+    return session
