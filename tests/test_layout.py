@@ -178,3 +178,21 @@ def test_one_peer_format_the_snapshot_and_the_trust_check_agree_on_ipv6() -> Non
     assert policy.trusts(snapshot.client)
     assert policy.trusts(wsgi.client)
     assert ctxrelay.current() == {}
+
+
+def test_the_demo_uses_only_the_public_api_and_import_ctxrelay_does_not_load_it() -> None:
+    import subprocess
+    import sys
+
+    for path in sorted((PACKAGE / "demo").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                module = node.module if node.level == 0 else ""
+                private = [part for part in module.split(".") if part.startswith("_")]
+                assert not private, f"{path.name}:{node.lineno} imports {module}"
+                assert not (node.level >= 2 and node.module.startswith("_")), (
+                    f"{path.name}:{node.lineno} imports a private core module"
+                )
+    code = "import sys, ctxrelay; assert not [m for m in sys.modules if 'demo' in m]"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -298,6 +298,8 @@ class Policy:
 
     #: ``ctxrelay.Policy.Route``: the route class, reachable from the public name.
     Route: ClassVar[type[_Route]] = _Route
+    #: ``ctxrelay.Policy.MASK``: what a sensitive value is shown as (``***``).
+    MASK: ClassVar[str] = MASK
 
     sensitive: frozenset[str] = field(default_factory=frozenset)
     request_id_header: str = "x-request-id"

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctxrelay._policy import MASK
+from ctxrelay import Policy
 
 from .hops import AUDIT, CELERY, HANDLER, HANDLER_HOP, HOPS, HTTP, Hop
 from .shop import CANARY, USER
@@ -136,7 +136,7 @@ def as_json(result: Result) -> str:
         "broker": result.broker,
         "worker": result.worker,
         # What the browser sent (besides each walk's request id); the cookie masked.
-        "sent": {"user": USER, "cookie": f"session={MASK}", "x-gray": CANARY},
+        "sent": {"user": USER, "cookie": f"session={Policy.MASK}", "x-gray": CANARY},
         "walks": [_walk_dict(walk) for walk in result.walks],
     }
     return json.dumps(document, indent=2)
