@@ -32,6 +32,7 @@ __all__ = [
     "Cancellation",
     "FIELD_NAME",
     "REQUEST_ID",
+    "Scope",
     "Context",
     "bind",
     "current",
