@@ -34,10 +34,18 @@ context is reset by token on every outcome -- return, ``abort``, exception,
 cancellation -- and for every arity.  The request id is echoed in the
 initial metadata.
 
-Deadlines are not part of ctxrelay's context yet.  When they are, they map
-here both ways: the server binds ``context.time_remaining()``, the client
-passes ``min(remaining, its own timeout)`` as the call's ``timeout``.  The
-``# Deadlines`` notes in this module mark the places.
+Deadlines map onto gRPC's own, both ways.  Server side, the handler runs
+under the call's deadline (``context.time_remaining()``: ``ctxrelay.remaining()``,
+``checkpoint()``, pool tasks and downstream calls see it), narrowed further
+by a remaining-time header from a trusted peer, as at the web door.  Client
+side, a call made under a deadline gets ``min(its own timeout, the time
+remaining)`` as its ``timeout`` -- gRPC then sends it on as its own
+``grpc-timeout`` -- and a call made once the deadline passed (or the
+request was cancelled) fails at once, without touching the network, with
+``ctxrelay.DeadlineExceeded`` (or ``RequestCancelled``) that is also a
+``grpc.RpcError`` whose ``code()`` is ``DEADLINE_EXCEEDED`` (or
+``CANCELLED``).  A call the clamped timeout cuts short fails as gRPC
+reports any deadline: an ``RpcError`` with ``DEADLINE_EXCEEDED``.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ import contextvars
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from time import monotonic
 from typing import Any, NoReturn
 from urllib.parse import unquote
 
@@ -55,7 +64,8 @@ import grpc
 import grpc.aio
 
 from .. import _policy
-from .._context import REQUEST_ID, Context, current, enter, leave
+from .._context import REQUEST_ID, Context, current, enter, leave, narrowed
+from .._deadline import DeadlineExceeded, RequestCancelled, deadline_of, expired
 from .._escape import log_text
 from .._inbound import Door, RequestIdValidator, open_asgi
 from .._outbound import outgoing
@@ -210,15 +220,68 @@ class _CallDetails(
     """A sync call's details with the context's metadata added."""
 
 
+class _DeadlineRpcError(DeadlineExceeded, grpc.RpcError):
+    """A call refused before it started, its deadline passed: a
+    ``ctxrelay.DeadlineExceeded`` that is also the ``grpc.RpcError`` gRPC
+    code already handles, with gRPC's own status for it."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return str(self)
+
+    def initial_metadata(self) -> tuple[()]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+class _CancelledRpcError(RequestCancelled, grpc.RpcError):
+    """A call refused before it started, its request cancelled."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return str(self)
+
+    def initial_metadata(self) -> tuple[()]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+def _timeout(own: float | None) -> float | None:
+    """The call's timeout under the current deadline: ``min(own, remaining)``.
+
+    Raises at once, before any network, when the deadline passed or the
+    request was cancelled.
+    """
+    ctx = current()
+    error = expired(ctx)
+    if error is not None:
+        if isinstance(error, DeadlineExceeded):
+            raise _DeadlineRpcError(str(error))
+        raise _CancelledRpcError(str(error))
+    at = deadline_of(ctx)
+    if at is None:
+        return own
+    left = max(0.001, at - monotonic())  # gRPC reads 0 as "already expired"
+    return own if own is not None and own <= left else left
+
+
 def _sync_details(outbound: _Outbound, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
     existing = details.metadata
+    timeout = _timeout(details.timeout)
     added = outbound.added(existing)
-    # Deadlines (not in ctxrelay yet): the timeout becomes min(remaining, details.timeout).
-    if not added:
+    if not added and timeout == details.timeout:
         return details
     return _CallDetails(
         details.method,
-        details.timeout,
+        timeout,
         (*(existing or ()), *added),
         details.credentials,
         getattr(details, "wait_for_ready", None),
@@ -287,14 +350,14 @@ def _aio_details(
     outbound: _Outbound, details: grpc.aio.ClientCallDetails
 ) -> grpc.aio.ClientCallDetails:
     existing = details.metadata
+    timeout = _timeout(details.timeout)
     added = outbound.added(existing)
-    # Deadlines (not in ctxrelay yet): the timeout becomes min(remaining, details.timeout).
-    if not added:
+    if not added and timeout == details.timeout:
         return details
     # A new Metadata: the caller's own object may be reused for other calls.
     metadata = grpc.aio.Metadata(*(existing or ()), *added)
     return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        details.method, timeout, metadata, details.credentials, details.wait_for_ready
     )
 
 
@@ -506,6 +569,28 @@ def _open(door: Door, context: Any, method: str) -> Context:
     except Exception:
         _log.warning("ctxrelay: could not read a gRPC call's metadata", exc_info=True)
         return door.fallback(raw_id)
+
+
+# Sync grpcio answers time_remaining() with ~9.2e18 s for a call without a
+# deadline (its infinite future), grpc.aio with None: anything past a year
+# is "none".
+_NO_DEADLINE = 365 * 86400.0
+
+
+def _with_deadline(ctx: Context, context: Any) -> Context:
+    """``ctx`` narrowed to the call's own gRPC deadline, if it has one.
+
+    Any peer's: a gRPC deadline only shortens the caller's own call, and
+    gRPC enforces it whatever ctxrelay does (grpc #26236: the handler could
+    not pass ``time_remaining()`` on by itself).  Never raises.
+    """
+    try:
+        left = context.time_remaining()
+        if isinstance(left, (int, float)) and 0 <= left < _NO_DEADLINE:
+            return narrowed(ctx, monotonic() + left)
+    except Exception:
+        _log.debug("ctxrelay: no deadline read from the gRPC call", exc_info=True)
+    return ctx
 
 
 def _is_abort(exc: BaseException) -> bool:
@@ -744,7 +829,7 @@ class _Settings:
         self.log_errors = log_errors
 
     def open(self, context: Any, method: str) -> tuple[Context, tuple[tuple[str, str], ...]]:
-        ctx = _open(self.door, context, method)
+        ctx = _with_deadline(_open(self.door, context, method), context)
         rid = ctx.get(REQUEST_ID) or ""
         return ctx, ((self.door.current_plan.name, rid),)
 
@@ -752,8 +837,6 @@ class _Settings:
 def _sync_unary(settings: _Settings, behavior: Behavior, method: str) -> Behavior:
     def relay_unary(request: Any, context: Any, *more: Any) -> Any:
         ctx, echo = settings.open(context, method)
-        # Deadlines (not in ctxrelay yet): bind context.time_remaining() here too;
-        # sync grpcio answers ~9.2e18 s, not None, for a call without a deadline.
         relay = _Echo(context, echo) if settings.echo else None
         # grpc #37881: bound here, in the thread that runs the handler (the
         # server's pool, or an aio server's executor).
@@ -777,8 +860,6 @@ def _sync_unary(settings: _Settings, behavior: Behavior, method: str) -> Behavio
 def _sync_stream(settings: _Settings, behavior: Behavior, method: str) -> Behavior:
     def relay_stream(request: Any, context: Any, *more: Any) -> Any:
         ctx, echo = settings.open(context, method)
-        # Deadlines (not in ctxrelay yet): bind context.time_remaining() here too;
-        # sync grpcio answers ~9.2e18 s, not None, for a call without a deadline.
         relay = _Echo(context, echo) if settings.echo else None
         # The stream runs in a context of its own, entered for each step: the
         # handler's generator keeps one context across its yields (its own
@@ -844,8 +925,6 @@ def _steps(
 def _aio_unary(settings: _Settings, behavior: Behavior, method: str) -> Behavior:
     async def relay_unary(request: Any, context: Any) -> Any:
         ctx, echo = settings.open(context, method)
-        # Deadlines (not in ctxrelay yet): bind context.time_remaining() here too;
-        # sync grpcio answers ~9.2e18 s, not None, for a call without a deadline.
         relay = _AioEcho(context, echo) if settings.echo else None
         token = enter(ctx)
         try:
