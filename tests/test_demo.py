@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -434,3 +435,21 @@ def test_import_ctxrelay_imports_neither_the_demo_nor_an_integration() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert finished.stdout.strip() == "[]"
+
+
+def test_the_relay_off_walk_names_each_lost_hand_off_through_strict_mode(
+    embedded: Document,
+) -> None:
+    off, on = embedded["walks"]
+    assert on["strict_mode"] == []
+    handoffs = {(Path(r["handoff_file"]).name, r["handoff_function"]) for r in off["strict_mode"]}
+    assert handoffs == {("services.py", "confirm")}
+    lines = sorted({r["handoff_line"] for r in off["strict_mode"]})
+    source = (ROOT / "src/ctxrelay/demo/services.py").read_text().splitlines()
+    # the two pool submits and the audit thread's start: the lines to change
+    assert [source[n - 1].strip().split("(")[0] for n in lines] == [
+        "addresses = self.pool.submit",
+        "items = self.pool.submit",
+        "self.thread_class",
+    ]
+    assert all(r["kind"] == "lost-context" for r in off["strict_mode"])

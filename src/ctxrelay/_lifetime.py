@@ -177,8 +177,10 @@ def started_by_library(frame: FrameType | None, started: object) -> bool:
             # it) or ctxrelay's own frames: the owner is further up.
             frame = frame.f_back
             continue
-        if names.application and _named(module, names.application):
-            return False
+        if (names.application and _named(module, names.application)) or module.startswith(
+            "ctxrelay.demo"
+        ):
+            return False  # (the walk-through is application code, even when installed)
         if names.library and _named(module, names.library):
             return True
         return is_library_file(frame.f_code.co_filename)

@@ -209,7 +209,10 @@ def handoff_site(frame: FrameType | None) -> Site | None:
         if frame is None:
             return None
         module = frame.f_globals.get("__name__", "")
-        own = isinstance(module, str) and module.startswith("ctxrelay.")
+        module = module if isinstance(module, str) else ""
+        if module.startswith("ctxrelay.demo"):  # the walk-through is application code
+            return site_of(frame)
+        own = module.startswith("ctxrelay.")
         if not own and not is_library_file(frame.f_code.co_filename):
             return site_of(frame)
         frame = frame.f_back

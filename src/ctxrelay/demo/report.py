@@ -31,6 +31,9 @@ class Walk:
     seconds: float
     #: ``(hop, what is wrong)`` pairs; none when the walk is fully relayed.
     problems: tuple[Problem, ...] = field(default=())
+    #: What strict mode said during the walk with the relay off (observe-only
+    #: ``instrument(relay=False)``): the hand-off each lost hop must change.
+    strict: tuple[dict[str, Any], ...] = field(default=())
 
     @property
     def correct(self) -> bool:
@@ -124,6 +127,7 @@ def _walk_dict(walk: Walk) -> dict[str, Any]:
         "seconds": round(walk.seconds, 3),
         "correct": walk.correct,
         "problems": [{"hop": hop, "problem": what} for hop, what in walk.problems],
+        "strict_mode": list(walk.strict),
         "hops": [walk.hops[name].to_dict() for name in HOPS if name in walk.hops],
     }
 
@@ -247,7 +251,26 @@ def _verdict(walk: Walk) -> list[str]:
     for hop, what in walk.problems:
         grouped.setdefault(hop, []).append(what)
     lines.extend(f"  {hop}: {', '.join(whats)}" for hop, whats in grouped.items())
+    if walk.strict:
+        lines.append("  strict mode names the hand-offs to fix (ctxrelay.strict(), observe only):")
+        seen: set[str] = set()
+        for report in walk.strict:  # one line per hand-off: the place to change
+            handoff = f"{_short(report['handoff_file'])}:{report['handoff_line']}"
+            if handoff in seen:
+                continue
+            seen.add(handoff)
+            used = f"{_short(report['used_file'])}:{report['used_line']}"
+            lines.append(
+                f"    {report['kind']}: handed off at {handoff} (in "
+                f"{report['handoff_function']}); the work ran with no context (at {used})"
+            )
     return lines
+
+
+def _short(path: str) -> str:
+    # ".../ctxrelay/demo/services.py" -> "demo/services.py": the reader's view.
+    parts = path.replace("\\", "/").split("/")
+    return "/".join(parts[-2:])
 
 
 def as_text(result: Result) -> str:

@@ -124,12 +124,19 @@ def _walk(relay: bool, member: str, cart: str, app: Any, worker: Worker) -> Walk
     request_id = new_request_id()
     service = OrderService(relay=relay, member=member, cart=cart, confirmation=app.tasks[TASK])
     started = time.monotonic()
+    reports: tuple[dict[str, Any], ...] = ()
     try:
-        with _celery_relay(app, relay), serve(service.app(), "order") as order:
+        with (
+            _celery_relay(app, relay),
+            _strict_audit(not relay),
+            serve(service.app(), "order") as order,
+        ):
             response = browse(order, request_id)
             service.response_sent.set()  # the audit thread reads the request after this
             hops = service.hops()
             mail = _mail_hop(service.published, worker)
+            if not relay:
+                reports = tuple(r for r in ctxrelay.strict_reports() if r["kind"] == "lost-context")
     finally:
         service.close()
     if mail is not None:
@@ -143,7 +150,26 @@ def _walk(relay: bool, member: str, cart: str, app: Any, worker: Worker) -> Walk
         hops=hops,
         seconds=time.monotonic() - started,
         problems=problems(request_id, status, echoed, hops),
+        strict=reports,
     )
+
+
+@contextmanager
+def _strict_audit(on: bool) -> Iterator[None]:
+    """With the relay off, strict mode watches (``instrument(relay=False)``:
+    observe only) and names each hand-off whose work then logs without the
+    request's context -- the line a team must change."""
+    if not on:
+        yield
+        return
+    ctxrelay.strict_reports(clear=True)
+    ctxrelay.strict()
+    ctxrelay.instrument(relay=False)
+    try:
+        yield
+    finally:
+        ctxrelay.uninstrument()
+        ctxrelay.strict(False)
 
 
 def _mail_hop(published: Any, worker: Worker) -> Hop | None:
