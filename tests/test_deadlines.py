@@ -450,3 +450,13 @@ def test_asgi_timeout_leaves_request_bodies_and_disconnect_checks_working() -> N
     with serve_asgi(app) as base:
         got = httpx.post(base + "/echo", content=b"x" * 3_000_000, timeout=WAIT)
     assert got.text == "3000000 False"
+
+
+@pytest.mark.parametrize("not_an_app", [None, "app", 42, {"type": "http"}])
+def test_the_doors_refuse_what_is_not_an_app_when_they_are_built(not_an_app: Any) -> None:
+    from ctxrelay.integrations.wsgi import RelayMiddleware as WsgiDoor
+
+    with pytest.raises(TypeError, match="ASGI app"):
+        RelayMiddleware(not_an_app)
+    with pytest.raises(TypeError, match="WSGI app"):
+        WsgiDoor(not_an_app)

@@ -91,6 +91,12 @@ class RelayMiddleware:
         log_errors: bool = True,
         timeout: float | None = None,
     ) -> None:
+        if not callable(app):
+            # Checked here: otherwise the first request fails with Python's own TypeError.
+            raise TypeError(
+                f"RelayMiddleware wraps an ASGI app (a callable taking scope, receive, send), "
+                f"not {type(app).__name__}"
+            )
         self.app = app
         self._door = Door(header_name, validator)
         self.echo = echo

@@ -65,6 +65,11 @@ class RelayMiddleware:
         log_errors: bool = True,
         timeout: float | None = None,
     ) -> None:
+        if not callable(app):
+            raise TypeError(
+                f"RelayMiddleware wraps a WSGI app (a callable taking environ, start_response), "
+                f"not {type(app).__name__}"
+            )
         self.app = app
         self._door = Door(header_name, validator)
         self.echo = echo
