@@ -16,10 +16,12 @@ from typing import Any, Final, Generic, NoReturn, TypeVar
 
 from . import _policy
 from ._context import Context, read_current
+from ._deadline import deadline_of
 from ._escape import escaped_values, log_text
 from ._policy import MASK, Policy, active
 
 __all__ = [
+    "DEADLINE_FIELD",
     "DEFAULT",
     "REQUEST_ATTRIBUTES",
     "FrozenFields",
@@ -27,6 +29,7 @@ __all__ = [
     "masked_fields",
     "request_attributes",
     "request_values",
+    "timed",
 ]
 
 _log = logging.getLogger("ctxrelay")
@@ -41,6 +44,11 @@ DEFAULT: Final = "-"
 #: ``request_<attribute>``.  The query string and headers are left out on
 #: purpose: they carry tokens and cookies, and logs are widely readable.
 REQUEST_ATTRIBUTES: Final = ("method", "scheme", "host", "path", "client")
+
+#: The name under which a log line shows the whole milliseconds left before
+#: the deadline (``record.deadline_ms``, structlog's ``event["deadline_ms"]``,
+#: loguru's ``extra["deadline_ms"]``), present only while a deadline is bound.
+DEADLINE_FIELD: Final = "deadline_ms"
 
 #: How many contexts each filter remembers its output for (see PerContext).
 _CACHE_SIZE: Final = 256
@@ -87,6 +95,13 @@ def masked_fields(ctx: Context, policy: Policy) -> FrozenFields:
             {name: MASK if policy.is_sensitive(name) else value for name, value in ctx.items()}
         )
     )
+
+
+def timed(ctx: Context) -> Context | None:
+    """``ctx`` if it has a deadline, else None: what an integration keeps per
+    context so that a record computes the time left (it changes with every
+    record, so it cannot be memoised) only when there is a deadline."""
+    return ctx if deadline_of(ctx) is not None else None
 
 
 def request_attributes(names: Iterable[str]) -> tuple[str, ...]:

@@ -1,11 +1,14 @@
-"""Deadlines on queues: a task that can no longer be useful is not run.
+"""Deadlines on queues and in logs: a task that can no longer be useful is not
+run, and log lines show the time left.
 
 Real brokers, real worker processes.  Celery (Redis): the published message
 expires at the publisher's deadline (never later than the caller's own
 ``expires``); a task delayed past its deadline is discarded by the worker --
 Celery's ``REVOKED`` state, and a warning with the request id in the worker's
 log -- and a task published with time left sees less of it than the
-publisher had.  RQ and Dramatiq: the same with what each offers.
+publisher had.  RQ and Dramatiq: the same with what each offers.  Logs: the
+stdlib filter, structlog and loguru show ``deadline_ms`` while a deadline is
+bound, and the WSGI/Django doors log a request that ended after its deadline.
 
 The Redis database is the one tests/brokers.py lists for this module (the
 modules sharing it run one after another in one process: the claim is this
@@ -14,6 +17,9 @@ process's).
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -21,16 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from celery import Celery, signals  # type: ignore[import-untyped]
 from celery.exceptions import TaskRevokedError  # type: ignore[import-untyped]
 
 import ctxrelay
 from ctxrelay.integrations.celery import uninstall
+from ctxrelay.integrations.logging import ContextFilter, setup
+from ctxrelay.integrations.loguru import ContextPatcher, patcher
+from ctxrelay.integrations.structlog import MergeContext, merge_context
 from tests.brokers import REDIS_DATABASES, WorkerProcess, flush_redis, need_redis, wait_until
 from tests.integrations import deadline_celery_app
 from tests.integrations.celery_app import make_app
-
-pytestmark = pytest.mark.broker
 
 DB = next((db for db, user in REDIS_DATABASES.items() if "test_queue_deadlines.py" in user), 14)
 DEADLINE_KEY = "ctxrelay-deadline"  # the header next to Celery's expires
@@ -77,6 +85,7 @@ def celery_worker(
         uninstall(app)
 
 
+@pytest.mark.broker
 def test_celery_task_delayed_past_its_deadline_is_not_run(
     celery_worker: CeleryWorker, tmp_path: Path
 ) -> None:
@@ -98,6 +107,7 @@ def test_celery_task_delayed_past_its_deadline_is_not_run(
     assert marker.read_text() == "r-celery-after"
 
 
+@pytest.mark.broker
 def test_celery_task_published_with_time_left_sees_less_of_it(
     celery_worker: CeleryWorker,
 ) -> None:
@@ -111,6 +121,7 @@ def test_celery_task_published_with_time_left_sees_less_of_it(
     assert seen["fields"]["request_id"] == "r-celery-left"
 
 
+@pytest.mark.broker
 def test_celery_task_without_a_deadline_has_none(celery_worker: CeleryWorker) -> None:
     with ctxrelay.bind(request_id="r-celery-none"):
         result = celery_worker.app.signature("d.remaining").delay()
@@ -148,6 +159,7 @@ def _expires(headers: dict[str, Any]) -> float:
     return (at - datetime.now(timezone.utc)).total_seconds()
 
 
+@pytest.mark.broker
 def test_celery_expires_is_the_deadline_and_never_lengthened(
     celery_worker: CeleryWorker, published: _Published
 ) -> None:
@@ -163,3 +175,131 @@ def test_celery_expires_is_the_deadline_and_never_lengthened(
     assert _expires(kept) <= 5
     assert untouched.get("expires") is None
     assert DEADLINE_KEY not in untouched
+
+
+# -- logs ---------------------------------------------------------------------
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        fmt = "%(request_id)s %(deadline_ms)s %(message)s"
+        self.setFormatter(logging.Formatter(fmt, defaults={"deadline_ms": "-"}))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.format(record)  # the format string never fails
+        self.records.append(record)
+
+
+@pytest.fixture
+def records() -> Iterator[_Records]:
+    handler = _Records()
+    handler.addFilter(ContextFilter())
+    logger = logging.getLogger("tests.deadline_logs")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def test_stdlib_records_show_the_time_left_only_under_a_deadline(records: _Records) -> None:
+    log = logging.getLogger("tests.deadline_logs")
+    with ctxrelay.bind(request_id="r-log"):
+        log.info("no deadline")
+        with ctxrelay.deadline(30):
+            log.info("under a deadline")
+            log.info("again, same context")
+        with ctxrelay.deadline(0):
+            log.info("past it")
+    log.info("outside")
+    none, timed, again, past, outside = records.records
+    assert not hasattr(none, "deadline_ms")
+    for record in (timed, again):
+        left = record.deadline_ms  # type: ignore[attr-defined]
+        assert isinstance(left, int)
+        assert 0 < left <= 30_000
+        # Not in the shared per-context dict: it changes with every record.
+        assert "deadline_ms" not in record.ctxrelay  # type: ignore[attr-defined]
+    assert past.deadline_ms == 0  # type: ignore[attr-defined]
+    assert not hasattr(outside, "deadline_ms")
+    assert outside.request_id == "-"  # type: ignore[attr-defined]
+
+
+def test_a_record_set_up_already_keeps_its_deadline_ms(records: _Records) -> None:
+    # A record that already carries a request id (extra=, or a filter where it
+    # was made, e.g. before a QueueHandler) keeps what it has, deadline_ms too.
+    extra = {"request_id": "r-made", "deadline_ms": 1234}
+    with ctxrelay.deadline(30):
+        logging.getLogger("tests.deadline_logs").info("x", extra=extra)
+    assert records.records[0].deadline_ms == 1234  # type: ignore[attr-defined]
+
+
+def test_setups_format_shows_a_dash_without_a_deadline() -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("tests.deadline_setup")
+    logger.propagate = False
+    try:
+        setup("%(request_id)s %(deadline_ms)s %(message)s", logger=logger, stream=stream)
+        logger.warning("before")
+        with ctxrelay.bind(request_id="r-setup"), ctxrelay.deadline(0):
+            logger.warning("after")
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+    assert stream.getvalue().splitlines() == ["- - before", "r-setup 0 after"]
+
+
+def test_a_field_cannot_take_the_deadline_attribute() -> None:
+    with pytest.raises(ValueError, match="deadline_ms"):
+        ContextFilter(fields={"deadline_ms": "tenant"})
+
+
+def _render(processor: Any) -> Any:
+    return structlog.wrap_logger(
+        structlog.ReturnLogger(),
+        processors=[processor, structlog.processors.JSONRenderer(sort_keys=True)],
+    )
+
+
+def test_structlog_events_show_the_time_left_only_under_a_deadline() -> None:
+    log = _render(merge_context)
+    with ctxrelay.bind(request_id="r-sl"):
+        assert json.loads(log.info("x")) == {"event": "x", "request_id": "r-sl"}
+        with ctxrelay.deadline(30):
+            event = json.loads(log.info("y"))
+    assert event["request_id"] == "r-sl"
+    assert 0 < event["deadline_ms"] <= 30_000
+    with ctxrelay.deadline(0):  # a deadline and no field
+        assert json.loads(log.info("z")) == {"event": "z", "deadline_ms": 0}
+    nested = _render(MergeContext(key="ctx"))
+    with ctxrelay.bind(request_id="r-sl"), ctxrelay.deadline(0):
+        assert json.loads(nested.info("n")) == {
+            "event": "n",
+            "ctx": {"request_id": "r-sl", "deadline_ms": 0},
+        }
+
+
+def test_loguru_extra_shows_the_time_left_only_under_a_deadline() -> None:
+    from loguru import logger
+
+    stream = io.StringIO()
+    handler_id = logger.add(stream, format="{extra[request_id]} {extra[deadline_ms]} {message}")
+    try:
+        log = logger.patch(ContextPatcher(fields=["deadline_ms"]))
+        with ctxrelay.bind(request_id="r-lg"):
+            log.info("none")
+            with ctxrelay.deadline(0):
+                log.info("past")
+        seen: list[dict[str, Any]] = []
+        logger.patch(patcher).patch(lambda r: seen.append(dict(r["extra"]))).info("outside")
+        with ctxrelay.deadline(30):
+            logger.patch(patcher).patch(lambda r: seen.append(dict(r["extra"]))).info("timed")
+    finally:
+        logger.remove(handler_id)
+    assert stream.getvalue().splitlines()[:2] == ["r-lg - none", "r-lg 0 past"]
+    assert "deadline_ms" not in seen[0]
+    assert 0 < seen[1]["deadline_ms"] <= 30_000

@@ -32,7 +32,9 @@ from typing import IO, Final
 
 from .. import _policy
 from .._context import REQUEST_ID, Context, read_current, validate_field
+from .._deadline import remaining_ms
 from .._logfields import (
+    DEADLINE_FIELD,
     DEFAULT,
     REQUEST_ATTRIBUTES,
     FrozenFields,
@@ -40,6 +42,7 @@ from .._logfields import (
     masked_fields,
     request_attributes,
     request_values,
+    timed,
 )
 from .._policy import Policy
 
@@ -69,7 +72,7 @@ _RESERVED: Final = (
     | {"message", "asctime"}
 )
 #: The attributes every ContextFilter sets.
-_OURS: Final = frozenset({"request_id", "ctxrelay"})
+_OURS: Final = frozenset({"request_id", "ctxrelay", DEADLINE_FIELD})
 
 
 def _attribute_name(field: str) -> str:
@@ -100,11 +103,12 @@ def _declared(fields: Mapping[str, str] | Iterable[str]) -> dict[str, str]:
 
 
 #: What a filter prepares per context: the request id, the dict of fields,
-#: and the other attributes its options ask for.
-_Prepared = tuple[str, FrozenFields, dict[str, object]]
+#: the other attributes its options ask for, and the context again if it has
+#: a deadline (None otherwise).
+_Prepared = tuple[str, FrozenFields, dict[str, object], Context | None]
 #: What the filter checks per record: the context and policy it was prepared
 #: for, then the prepared values, flat so that one unpacking reads them all.
-_Last = tuple[Context | None, Policy | None, str, FrozenFields, dict[str, object]]
+_Last = tuple[Context | None, Policy | None, str, FrozenFields, dict[str, object], Context | None]
 
 
 class ContextFilter(logging.Filter):
@@ -114,6 +118,13 @@ class ContextFilter(logging.Filter):
 
     * ``record.request_id`` -- ``default`` (``"-"``) outside a request, so
       ``%(request_id)s`` never raises ``KeyError``;
+    * ``record.deadline_ms`` -- only while a deadline is bound: the whole
+      milliseconds left (an ``int``; 0 once it passed or the request was
+      cancelled).  Not in ``record.ctxrelay``, which one context's records
+      share: the time left is read per record.  A format string that shows
+      it needs a default for records without one:
+      ``logging.Formatter(fmt, defaults={"deadline_ms": "-"})`` (what
+      :func:`setup` does);
     * ``record.ctxrelay`` -- a read-only dict of every field under its own
       name (plus the ``request_<attr>`` values below): what a JSON formatter
       should emit.  Only what the context holds; empty outside a request;
@@ -150,8 +161,8 @@ class ContextFilter(logging.Filter):
         self.prefix = prefix
         self.default = default
         self._cache: PerContext[_Prepared] = PerContext(self._prepare)
-        _, _, (request_id, fields, more) = self._cache.last
-        self._last: _Last = (None, None, request_id, fields, more)
+        _, _, (request_id, fields, more, timed_ctx) = self._cache.last
+        self._last: _Last = (None, None, request_id, fields, more, timed_ctx)
 
     def _prepare(self, ctx: Context, policy: Policy) -> _Prepared:
         fields = masked_fields(ctx, policy)
@@ -167,7 +178,7 @@ class ContextFilter(logging.Filter):
         for attr in self.request:
             more[f"request_{attr}"] = snapshot.get(f"request_{attr}", self.default)
         request_id = fields.get(REQUEST_ID, self.default)
-        return (request_id, FrozenFields({**fields, **snapshot}), more)
+        return (request_id, FrozenFields({**fields, **snapshot}), more, timed(ctx))
 
     def filter(self, record: logging.LogRecord) -> bool:
         # The per-record path, kept to the fewest bytecodes: every record on
@@ -176,26 +187,34 @@ class ContextFilter(logging.Filter):
         # always come from the same context.  ``_current`` is the ContextVar's
         # bound ``get``, and the policy is read as a module attribute, not
         # through ``active()``: each saves a lookup or a call per record.
-        ctx, policy, request_id, fields, more = self._last
+        ctx, policy, request_id, fields, more, timed_ctx = self._last
         if ctx is not _current() or policy is not _policy.STATE.policy:
-            ctx, policy, request_id, fields, more = self._last = self._refresh()
+            ctx, policy, request_id, fields, more, timed_ctx = self._last = self._refresh()
         if hasattr(record, "request_id"):
             # Set already: by extra=, or by a filter where the record was made.
             _set_missing(record, {"request_id": request_id, "ctxrelay": fields, **more})
+            if timed_ctx is not None:
+                _set_missing(record, {DEADLINE_FIELD: remaining_ms(timed_ctx)})
             return True
         # Plain attribute stores, which CPython specialises; going through
         # record.__dict__ would build the instance dict here, and setattr()
         # is not specialised: either doubles this filter's cost.
         record.request_id = request_id
         record.ctxrelay = fields
+        if timed_ctx is not None:
+            # The time left changes with every record, so it is never
+            # memoised, and it is set only under a deadline: a store on every
+            # record cost ~310 instructions (it grows the record's dict), the
+            # None check ~80 (cachegrind, docs/logging.md).
+            record.deadline_ms = remaining_ms(timed_ctx)
         if more:
             _set_missing(record, more)
         return True
 
     def _refresh(self) -> _Last:
         """The flat entry for the current context (prepared once per context)."""
-        ctx, policy, (request_id, fields, more) = self._cache.lookup(_current())
-        return (ctx, policy, request_id, fields, more)
+        ctx, policy, (request_id, fields, more, timed_ctx) = self._cache.lookup(_current())
+        return (ctx, policy, request_id, fields, more, timed_ctx)
 
 
 def _set_missing(record: logging.LogRecord, attributes: Mapping[str, object]) -> None:
@@ -268,7 +287,8 @@ def setup(
         target.setLevel(level)
     if not target.handlers:
         handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-        handler.setFormatter(logging.Formatter(fmt))
+        # Records get deadline_ms only under a deadline: "-" otherwise.
+        handler.setFormatter(logging.Formatter(fmt, defaults={DEADLINE_FIELD: DEFAULT}))
         target.addHandler(handler)
     return install(logger=target, context_filter=context_filter)
 

@@ -19,6 +19,10 @@ fails.  Example::
     with ctxrelay.bind(request_id="r-1"):
         logger.info("paid")  # INFO [r-1] paid
 
+While a deadline is bound, ``extra["deadline_ms"]`` holds the whole
+milliseconds left (read per message; 0 once it passed or the request was
+cancelled); declare ``fields=["deadline_ms"]`` for ``"-"`` without one.
+
 With ``serialize=True`` the fields appear in the JSON under ``extra``.
 """
 
@@ -35,7 +39,16 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .._context import REQUEST_ID, Context, validate_field
-from .._logfields import DEFAULT, PerContext, masked_fields, request_attributes, request_values
+from .._deadline import remaining_ms
+from .._logfields import (
+    DEADLINE_FIELD,
+    DEFAULT,
+    PerContext,
+    masked_fields,
+    request_attributes,
+    request_values,
+    timed,
+)
 from .._policy import Policy
 
 if TYPE_CHECKING:
@@ -62,18 +75,23 @@ class ContextPatcher:
             validate_field(name, "")
         self.request = request_attributes(request)
         self.default = default
-        self._cache: PerContext[dict[str, Any]] = PerContext(self._extra)
+        self._cache: PerContext[tuple[dict[str, Any], Context | None]] = PerContext(self._extra)
 
-    def _extra(self, ctx: Context, policy: Policy) -> dict[str, Any]:
+    def _extra(self, ctx: Context, policy: Policy) -> tuple[dict[str, Any], Context | None]:
         defaults = dict.fromkeys(self.fields, self.default)
         defaults.update((f"request_{attr}", self.default) for attr in self.request)
-        return {**defaults, **masked_fields(ctx, policy), **request_values(ctx, self.request)}
+        extra = {**defaults, **masked_fields(ctx, policy), **request_values(ctx, self.request)}
+        return extra, timed(ctx)
 
     def __call__(self, record: Record) -> None:
         # A new dict each message: the prepared one is shared by every
         # message of this context.  copy() clones the prepared dict's table
         # whole, faster than {**a, **b}.
-        extra = self._cache.current().copy()
+        prepared, timed_ctx = self._cache.current()
+        extra = prepared.copy()
+        if timed_ctx is not None:
+            # Read per message (it changes), and only with a deadline bound.
+            extra[DEADLINE_FIELD] = remaining_ms(timed_ctx)
         extra.update(record["extra"])
         record["extra"] = extra
 

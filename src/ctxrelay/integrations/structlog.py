@@ -19,6 +19,9 @@ sensitive fields (``cookie``, ``authorization``, the names of
     with ctxrelay.bind(request_id="r-1", tenant="acme"):
         structlog.get_logger().info("paid")  # {"request_id": "r-1", "tenant": ...}
 
+While a deadline is bound, ``deadline_ms`` holds the whole milliseconds left
+(read per event; 0 once it passed or the request was cancelled).
+
 With ``structlog.stdlib.ProcessorFormatter``, put it in ``foreign_pre_chain``
 too, so records from stdlib loggers get the fields.
 """
@@ -36,7 +39,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .._context import Context
-from .._logfields import PerContext, masked_fields, request_attributes, request_values
+from .._deadline import remaining_ms
+from .._logfields import (
+    DEADLINE_FIELD,
+    PerContext,
+    masked_fields,
+    request_attributes,
+    request_values,
+    timed,
+)
 from .._policy import Policy
 
 __all__ = ["MergeContext", "merge_context"]
@@ -51,19 +62,20 @@ class MergeContext:
     :data:`ctxrelay.integrations.logging.REQUEST_ATTRIBUTES`) added as
     ``request_<attr>``.  With ``key`` set, the fields go under that one key
     as a dict instead of at the top level.  Outside a request nothing is
-    added.
+    added.  While a deadline is bound, ``deadline_ms`` (beside the fields)
+    holds the whole milliseconds left.
     """
 
     def __init__(self, *, request: Iterable[str] = (), key: str | None = None) -> None:
         self.request = request_attributes(request)
         self.key = key
-        self._cache: PerContext[dict[str, Any]] = PerContext(self._entries)
+        self._cache: PerContext[tuple[dict[str, Any], Context | None]] = PerContext(self._entries)
 
-    def _entries(self, ctx: Context, policy: Policy) -> dict[str, Any]:
+    def _entries(self, ctx: Context, policy: Policy) -> tuple[dict[str, Any], Context | None]:
         entries = {**masked_fields(ctx, policy), **request_values(ctx, self.request)}
         if self.key is None:
-            return entries
-        return {self.key: entries} if entries else {}
+            return entries, timed(ctx)
+        return ({self.key: entries} if entries else {}), timed(ctx)
 
     def __call__(
         self,
@@ -74,10 +86,18 @@ class MergeContext:
         # A new dict each time: the prepared one is shared by every event of
         # this context, and later processors change the event dict.  copy()
         # clones the prepared dict's table whole, faster than {**a, **b}.
-        merged = self._cache.current().copy()
+        prepared, timed_ctx = self._cache.current()
+        merged = prepared.copy()
         if self.key is not None and self.key in merged:
             # The nested dict is shared too: a processor may edit it in place.
             merged[self.key] = merged[self.key].copy()
+        if timed_ctx is not None:
+            # Read per event (it changes), and only with a deadline bound.
+            left = remaining_ms(timed_ctx)
+            if self.key is None:
+                merged[DEADLINE_FIELD] = left
+            else:
+                merged.setdefault(self.key, {})[DEADLINE_FIELD] = left
         merged.update(event_dict)
         return merged
 
