@@ -16,6 +16,7 @@ work for that request can check cheaply, from sync code too.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from contextvars import Token
 from time import monotonic
@@ -34,6 +35,7 @@ __all__ = [
     "deadline_of",
     "expired",
     "for_request",
+    "log_if_late",
     "new_cancellation",
     "parse_remaining_ms",
     "remaining",
@@ -262,3 +264,28 @@ def check_timeout(timeout: object, what: str = "timeout") -> float | None:
     if math.isnan(timeout) or timeout <= 0 or math.isinf(timeout):
         raise ValueError(f"{what} is seconds > 0, not {timeout!r}")
     return float(timeout)
+
+
+def log_if_late(logger: logging.Logger, ctx: Context, method: object, path: object) -> None:
+    """Log ``deadline exceeded in GET /path (finished N ms after it)`` on
+    ``logger`` when the request bound in ``ctx`` ends after its deadline.
+    For the doors that bind the deadline without interrupting the view (WSGI,
+    Django): the line is how a late request shows, as the ASGI door's
+    "deadline exceeded in ..." does.  Call it with ``ctx`` still bound, so
+    the line carries the request id."""
+    at = ctx._deadline
+    if at is None:
+        return
+    late = monotonic() - at
+    if late < 0:
+        return
+    from ._escape import log_text  # the late path only
+
+    # Escaped: servers percent-decode the path, and a raw "%0a" in it would
+    # forge a log line (log injection).
+    logger.error(
+        "deadline exceeded in %s %s (finished %d ms after it)",
+        log_text(method or "?"),
+        log_text(path or "?"),
+        late * 1000,
+    )

@@ -303,3 +303,38 @@ def test_loguru_extra_shows_the_time_left_only_under_a_deadline() -> None:
     assert stream.getvalue().splitlines()[:2] == ["r-lg - none", "r-lg 0 past"]
     assert "deadline_ms" not in seen[0]
     assert 0 < seen[1]["deadline_ms"] <= 30_000
+
+
+def _wsgi_call(app: Any, path: str) -> bytes:
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.url_scheme": "http"}
+    environ |= {"SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "HTTP_X_REQUEST_ID": "r-wsgi"}
+    body = app(environ, lambda status, headers, exc_info=None: None)
+    return b"".join(body)
+
+
+def test_wsgi_door_logs_a_request_that_ended_after_its_deadline() -> None:
+    from ctxrelay.integrations.wsgi import RelayMiddleware
+
+    def slow(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        while not ctxrelay.cancelled():  # runs past the deadline, as WSGI views can
+            ctxrelay.remaining()
+        start_response("200 OK", [])
+        return [b"late"]
+
+    def quick(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"on time"]
+
+    handler = _Records()
+    handler.addFilter(ContextFilter())
+    logger = logging.getLogger("ctxrelay.wsgi")
+    logger.addHandler(handler)
+    try:
+        assert _wsgi_call(RelayMiddleware(quick, timeout=30), "/quick") == b"on time"
+        assert _wsgi_call(RelayMiddleware(slow, timeout=0.05), "/slow\nINFO forged") == b"late"
+    finally:
+        logger.removeHandler(handler)
+    (line,) = handler.records
+    assert line.levelno == logging.ERROR
+    assert line.getMessage().startswith("deadline exceeded in GET /slow\\nINFO forged (finished ")
+    assert line.request_id == "r-wsgi"  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ runs with the context bound too.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
@@ -41,10 +42,13 @@ except ImportError as exc:  # pragma: no cover - exercised without Django only
     ) from exc
 
 from .._context import REQUEST_ID, Context, begin, enter, finish, leave
-from .._deadline import check_timeout, deadline_of, for_request
+from .._deadline import check_timeout, deadline_of, for_request, log_if_late
 from .._inbound import Door, open_asgi, open_wsgi
 
 __all__ = ["RelayMiddleware", "door_from_settings", "timeout_from_settings"]
+
+#: Where a request that ended after its deadline is logged.
+_late = logging.getLogger("ctxrelay.django")
 
 _KEYS = frozenset({"header_name", "validator", "echo", "timeout"})
 
@@ -113,6 +117,7 @@ class RelayMiddleware:
         try:
             response = self.get_response(request)
         finally:
+            self._log_if_late(request, ctx)
             finish(token, ctx)
         return self._finish(response, ctx)
 
@@ -122,8 +127,18 @@ class RelayMiddleware:
         try:
             response = await self.get_response(request)
         finally:
+            self._log_if_late(request, ctx)
             finish(token, ctx)
         return self._finish(response, ctx)
+
+    @staticmethod
+    def _log_if_late(request: Any, ctx: Context) -> None:
+        # The view ran to its end after the deadline: say so, with the
+        # request still bound (its id on the line), as the WSGI door does.
+        if deadline_of(ctx) is not None:
+            log_if_late(
+                _late, ctx, getattr(request, "method", None), getattr(request, "path", None)
+            )
 
     def _open(self, request: Any) -> Context:
         scope = getattr(request, "scope", None)  # ASGIRequest keeps the raw scope

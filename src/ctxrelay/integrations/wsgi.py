@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._context import REQUEST_ID, Context, begin, enter, finish, leave
-from .._deadline import check_timeout, deadline_of, for_request
+from .._deadline import check_timeout, deadline_of, for_request, log_if_late
 from .._inbound import Door, RequestIdValidator, open_wsgi, valid_request_id
 
 if TYPE_CHECKING:
@@ -78,7 +78,8 @@ class RelayMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         ctx = open_wsgi(self._door, environ)
-        if self.timeout is not None or deadline_of(ctx) is not None:
+        timed = self.timeout is not None or deadline_of(ctx) is not None
+        if timed:
             ctx = for_request(ctx, self.timeout)[0]
         if self.echo:
             start_response = _echoing(start_response, self._door.header_name, ctx[REQUEST_ID])
@@ -99,6 +100,9 @@ class RelayMiddleware:
                 )
             raise
         finally:
+            if timed and self.log_errors:
+                # Still bound: the line carries the request id.
+                log_if_late(_errors, ctx, environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             finish(token, ctx)
         if isinstance(body, (list, tuple)):
             return body  # nothing left to run: no user code in a list
