@@ -32,6 +32,7 @@ from celery import Celery, signals  # type: ignore[import-untyped]
 from celery.exceptions import TaskRevokedError  # type: ignore[import-untyped]
 
 import ctxrelay
+from ctxrelay._deadline import expired
 from ctxrelay.integrations.celery import uninstall
 from ctxrelay.integrations.logging import ContextFilter, setup
 from ctxrelay.integrations.loguru import ContextPatcher, patcher
@@ -338,3 +339,111 @@ def test_wsgi_door_logs_a_request_that_ended_after_its_deadline() -> None:
     assert line.levelno == logging.ERROR
     assert line.getMessage().startswith("deadline exceeded in GET /slow\\nINFO forged (finished ")
     assert line.request_id == "r-wsgi"  # type: ignore[attr-defined]
+
+
+# -- RQ -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rq_connection(redis_url: str) -> Iterator[Any]:
+    import redis
+
+    conn = redis.Redis.from_url(redis_url)
+    yield conn
+    conn.close()
+
+
+@pytest.mark.broker
+def test_rq_job_sees_less_time_than_its_creator_had(
+    rq_connection: Any, redis_url: str, tmp_path: Path
+) -> None:
+    from rq import Queue
+
+    from tests.integrations.rq_jobs import SignedJob
+
+    name = f"ctxrelay-deadline-rq-{RUN}"
+    queue = Queue(name, connection=rq_connection, job_class=SignedJob)
+    with ctxrelay.bind(request_id="r-rq-left"), ctxrelay.deadline(30):
+        before = ctxrelay.remaining()
+        job = queue.enqueue("tests.integrations.deadline_celery_app.remaining")
+    assert job.ttl is not None
+    assert job.ttl <= 30  # the job may wait in the queue no longer than the deadline
+    args = ["rq.cli", "worker", name, "--url", redis_url, "-n", name, "--burst"]
+    args += ["--worker-class", "ctxrelay.integrations.rq.RelaySimpleWorker"]
+    args += ["--job-class", "tests.integrations.rq_jobs.SignedJob"]
+    process = WorkerProcess(args, tmp_path / "rq.log", {}).start()
+    try:
+        wait_until(lambda: job.get_status(refresh=True) == "finished", f"job {job.id}", TIMEOUT)
+    finally:
+        process.stop()
+    seen: Any = job.return_value(refresh=True)
+    assert before is not None
+    assert 0 < seen["remaining"] < before
+    assert seen["fields"]["request_id"] == "r-rq-left"
+
+
+@pytest.mark.broker
+def test_rq_job_whose_deadline_passed_is_not_run(rq_connection: Any, tmp_path: Path) -> None:
+    from rq import Queue
+
+    from ctxrelay.integrations.rq import RelaySimpleWorker
+    from tests.integrations import rq_jobs
+
+    name = f"ctxrelay-deadline-rq-late-{RUN}"
+    queue = Queue(name, connection=rq_connection, job_class=rq_jobs.SignedJob)
+    marker = tmp_path / "ran"
+    with ctxrelay.bind(request_id="r-rq-late"), ctxrelay.deadline(0.3):
+        job = queue.enqueue(rq_jobs.fails_first, str(marker))
+        late = ctxrelay.current()
+    wait_until(lambda: expired(late) is not None, "the deadline to pass")
+    handler = _Records()
+    handler.addFilter(ContextFilter())
+    logging.getLogger("ctxrelay").addHandler(handler)
+    try:
+        # RQ's SimpleWorker, burst, in this process: the job's key lives for
+        # its ttl (1 s here, the deadline rounded up), so the worker must
+        # take it before Redis drops it.
+        worker = RelaySimpleWorker([queue], connection=rq_connection, job_class=rq_jobs.SignedJob)
+        worker.work(burst=True)
+    finally:
+        logging.getLogger("ctxrelay").removeHandler(handler)
+    assert not marker.exists()
+    assert job.get_status(refresh=True) == "failed"
+    result = job.latest_result()
+    assert result is not None
+    assert "DeadlineExceeded" in (result.exc_string or "")
+    lines = [r for r in handler.records if "not run" in r.getMessage()]
+    assert [r.request_id for r in lines] == ["r-rq-late"]  # type: ignore[attr-defined]
+
+
+# -- Dramatiq -------------------------------------------------------------------
+@pytest.mark.broker
+def test_dramatiq_message_delayed_past_its_deadline_is_not_run(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from tests.integrations.dramatiq_app import make_broker
+
+    queue = f"ctxrelay-deadline-dramatiq-{RUN}"
+    broker, backend, actors = make_broker(redis_url, queue)
+    args = ["dramatiq", "tests.integrations.dramatiq_app:broker", "-p", "1", "-t", "1"]
+    args += ["-Q", queue]
+    env = {"CTXRELAY_TEST_BROKER": redis_url, "CTXRELAY_TEST_QUEUE": queue}
+    process = WorkerProcess(args, tmp_path / "dramatiq.log", env).start()
+    marker = tmp_path / "ran"
+    try:
+        with ctxrelay.bind(request_id="r-dq-left"), ctxrelay.deadline(30):
+            message = actors["fields"].send()
+        assert message.options["max_age"] <= 30_000
+        assert backend is not None
+        with ctxrelay.bind(request_id="r-dq-late"), ctxrelay.deadline(0.5):
+            late = actors["fails_first"].send_with_options(args=(str(marker),), delay=1500)
+        wait_until(
+            lambda: _logged(process, late.message_id, "not run", "deadline passed"),
+            "the worker's line about the late message",
+            TIMEOUT,
+        )
+        assert not marker.exists()
+        # The worker keeps serving.
+        fields = message.get_result(backend=backend, block=True, timeout=TIMEOUT * 1000)
+        assert fields["request_id"] == "r-dq-left"
+    finally:
+        process.stop()
+        broker.close()

@@ -33,12 +33,25 @@ its queue) keeps the context it already carries.  Example::
 with the secret runs a message whose context is unsigned or tampered with an
 empty context and logs an error.  Malformed or oversized contexts run with
 an empty one and a warning.
+
+Deadlines: a message sent while a deadline is bound gets Dramatiq's
+``max_age`` option set to the milliseconds left (never longer than the
+message's or the actor's own ``max_age``), so even a worker without this
+middleware drops it once late (``AgeLimit``).  With the middleware, the
+worker binds the carried time narrowed by the time the message waited since
+it was sent (``message_timestamp``, wall clock, as ``AgeLimit`` reads it), and
+a message whose deadline passed before it started is not run: it is failed
+and skipped (``SkipMessage``, Dramatiq's own outcome for a message too old),
+with a warning that carries the request id.  ``time_limit`` is left to the
+actor: a running actor stops at the deadline by calling
+``ctxrelay.checkpoint()``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from contextvars import Token
@@ -47,13 +60,15 @@ from typing import Any
 try:
     from dramatiq import Broker, Message, Middleware
     from dramatiq.broker import MessageProxy
+    from dramatiq.middleware import SkipMessage
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "ctxrelay.integrations.dramatiq needs Dramatiq: pip install 'ctxrelay[dramatiq]'"
     ) from exc
 
 from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
-from .._context import Context, begin, leave
+from .._context import Context, begin, current, leave, narrowed
+from .._deadline import deadline_of, expired, remaining_ms
 
 __all__ = ["MESSAGE_ID", "ContextMiddleware", "Signer", "install", "uninstall"]
 
@@ -89,6 +104,9 @@ class ContextMiddleware(Middleware):
             carrier = capture(binding(message.actor_name, message.message_id), self.signer)
             if carrier:
                 message.options[KEY] = carrier
+            left = remaining_ms(current())
+            if left is not None:
+                _age_at_most(broker, message, left)
         except Exception:
             _log.exception("ctxrelay: could not put the context on a Dramatiq message")
 
@@ -99,11 +117,19 @@ class ContextMiddleware(Middleware):
             source = f"Dramatiq message {str(message_id)[:100]!r}"
             carried = message.options.get(KEY)
             bound_to = binding(message.actor_name, message_id)
-            ctx = restore(carried, bound_to, self.signer, source=source)
-            token = begin(with_local(ctx, {MESSAGE_ID: message_id}))
+            ctx = _queued_time_out(message, restore(carried, bound_to, self.signer, source=source))
+            ctx = with_local(ctx, {MESSAGE_ID: message_id})
+            token = begin(ctx)
             self._tokens().append((message_id, token))
         except Exception:
             _log.exception("ctxrelay: could not bind the context of a Dramatiq message")
+            return
+        if expired(ctx) is not None:
+            # Bound already: the line (and Dramatiq's "was skipped" line)
+            # carries the request id; after_skip_message resets it.
+            _log.warning("ctxrelay: %s not run: its deadline passed before it started", source)
+            message.fail()
+            raise SkipMessage("its deadline passed")
 
     def after_process_message(
         self,
@@ -130,6 +156,32 @@ class ContextMiddleware(Middleware):
                     break
         except Exception:
             _log.exception("ctxrelay: could not reset the context after a Dramatiq message")
+
+
+def _age_at_most(broker: Broker, message: Message[Any], left_ms: int) -> None:
+    """Set ``max_age`` to ``left_ms`` unless the message's or actor's own
+    ``max_age`` is shorter: a message option overrides the actor's, so
+    setting it blindly could lengthen the actor's limit."""
+    own = message.options.get("max_age")
+    if not own:
+        try:
+            own = broker.get_actor(message.actor_name).options.get("max_age")
+        except Exception:  # the sender may not declare the actor
+            own = None
+    message.options["max_age"] = left_ms if not own else min(int(own), left_ms)
+
+
+def _queued_time_out(message: MessageProxy, ctx: Context) -> Context:
+    """``ctx`` with its deadline narrowed by the time since the message was
+    sent: the carried remaining time is re-read at receipt, so without this a
+    message that waited 4 s of its 5 would still get 5 s.  Only a context
+    that carried a deadline is narrowed, and only ever narrowed."""
+    at = deadline_of(ctx)
+    sent = getattr(message, "message_timestamp", None)
+    if at is None or not isinstance(sent, int):
+        return ctx
+    waited = max(0.0, time.time() - sent / 1000.0)
+    return narrowed(ctx, at - waited)
 
 
 def install(

@@ -32,11 +32,24 @@ Signing: subclass :class:`RelayJob` with ``signer = Signer(secret)`` and use
 it on both sides (``job_class=`` and ``--job-class``); the worker then runs a
 job whose context is unsigned or tampered with an empty context and logs an
 error.  Malformed or oversized contexts run with an empty one and a warning.
+
+Deadlines: a job created while a deadline is bound gets RQ's ``ttl`` (the
+time it may wait in the queue) set to the seconds left, rounded up, never
+longer than the ``ttl`` the caller gave -- so Redis drops a job nobody ran in
+time even without these classes in the worker.  The worker binds the carried
+time narrowed by the time since the job was created (``created_at``, wall
+clock), and a job whose deadline passed before it started is not run: it
+fails with :class:`ctxrelay.DeadlineExceeded` (``FAILED``, in the failed job
+registry, the exception in ``job.latest_result()``), after a warning with
+the request id.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from contextvars import ContextVar
+from datetime import datetime, timezone
 from importlib import metadata as _metadata
 from typing import Any, ClassVar
 
@@ -50,7 +63,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .._carrier import KEY, Signer, binding, capture, restore, with_local
-from .._context import Context, begin, leave, use
+from .._context import Context, begin, current, leave, narrowed, read_current, use
+from .._deadline import deadline_of, expired, remaining_ms
 
 #: The RQ releases this module works with (each tested by ``make test-matrix``).
 SUPPORTED = "rq 1.16 to 3.x"
@@ -78,6 +92,8 @@ __all__ = [
     "Signer",
 ]
 
+_log = logging.getLogger("ctxrelay")
+
 #: The worker-local field holding the running job's id.
 JOB_ID = "job_id"
 
@@ -102,6 +118,12 @@ class RelayJob(Job):
         carrier = capture(binding(job.func_name, job.id), cls.signer)
         if carrier:
             job.meta[KEY] = carrier
+        left = remaining_ms(current())
+        if left is not None:
+            # ttl is whole seconds (at least 1: 0 would mean "no ttl" to some
+            # RQ paths); never longer than the caller's own ttl.
+            seconds = max(1, math.ceil(left / 1000))
+            job.ttl = seconds if job.ttl is None else min(job.ttl, seconds)
         return job
 
     def relayed_context(self) -> Context:
@@ -109,14 +131,41 @@ class RelayJob(Job):
         source = f"RQ job {str(self.id)[:100]!r}"
         carried = self.meta.get(KEY) if isinstance(self.meta, dict) else None
         bound_to = binding(self.func_name, self.id)
-        return with_local(restore(carried, bound_to, self.signer, source=source), {JOB_ID: self.id})
+        ctx = self._queued_time_out(restore(carried, bound_to, self.signer, source=source))
+        return with_local(ctx, {JOB_ID: self.id})
+
+    def _queued_time_out(self, ctx: Context) -> Context:
+        # The carried remaining time is re-read at receipt: without this a
+        # job that waited 4 s of its 5 would still get 5 s.  Only narrows.
+        at = deadline_of(ctx)
+        created = self.created_at
+        if at is None or not isinstance(created, datetime):
+            return ctx
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=timezone.utc)  # RQ stores UTC
+        waited = max(0.0, (datetime.now(timezone.utc) - created).total_seconds())
+        return narrowed(ctx, at - waited)
 
     def perform(self) -> Any:
-        """Run the job function in the job's context (once, if a worker bound it)."""
+        """Run the job function in the job's context (once, if a worker bound
+        it); a job whose deadline passed before it started fails with
+        ``DeadlineExceeded`` instead of running."""
         if _bound_job.get() == self.id:
+            self._unless_expired()
             return super().perform()
         with use(self.relayed_context()):
+            self._unless_expired()
             return super().perform()
+
+    def _unless_expired(self) -> None:
+        error = expired(read_current())
+        if error is not None:
+            # Bound already: the line carries the request id.
+            _log.warning(
+                "ctxrelay: RQ job %r not run: its deadline passed before it started",
+                str(self.id)[:100],
+            )
+            raise error
 
 
 def _context_of(job: Job) -> Context:
