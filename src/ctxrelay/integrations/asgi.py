@@ -139,7 +139,7 @@ async def _bounded(
     ``checkpoint()``, pool tasks not started yet)."""
     ctx, cancel = for_request(ctx, door.timeout)
     at = deadline_of(ctx)
-    exchange = _Exchange(receive, send, cancel, scope.get("type") == "http")
+    exchange = _Exchange(receive, send, cancel)
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     fired = False
@@ -152,6 +152,7 @@ async def _bounded(
             task.cancel("ctxrelay: the request's deadline passed")
 
     handle = None if at is None else loop.call_at(loop.time() + (at - monotonic()), fire)
+    watch = loop.call_later(WATCH_AFTER, exchange.watch) if scope.get("type") == "http" else None
     token = begin(ctx)
     try:
         await door.app(scope, exchange.receive, exchange.send)
@@ -171,6 +172,8 @@ async def _bounded(
     finally:
         if handle is not None:
             handle.cancel()
+        if watch is not None:
+            watch.cancel()
         exchange.close()
         finish(token, ctx)
 
@@ -179,33 +182,48 @@ class _Exchange:
     """The app's side of receive/send under a deadline: whether the response
     started, and a client disconnect seen as soon as it happens.
 
-    For HTTP, one pump is the only reader of the server's ``receive`` and
+    A request still running after :data:`WATCH_AFTER` seconds gets a pump,
+    which from then on is the only reader of the server's ``receive``, and
     the app reads from it: so a disconnect is seen even while the handler
-    does not read at all (a sync endpoint in a thread).  The pump stays at
-    most one message ahead of the app (an upload is never buffered whole),
-    and once the client is gone every further ``receive`` answers
-    ``http.disconnect``, as servers do.
+    does not read at all (a sync endpoint in a thread).  Fast requests never
+    pay for it.  The pump stays at most one message ahead of the app (an
+    upload is never buffered whole), and once the client is gone every
+    further ``receive`` answers ``http.disconnect``, as servers do.
     """
 
-    __slots__ = ("_cancel", "_gone", "_pump", "_queue", "_receive", "_send", "started")
+    __slots__ = ("_cancel", "_gone", "_pump", "_queue", "_reading", "_receive", "_send", "started")
 
-    def __init__(self, receive: Receive, send: Send, cancel: Cancellation, http: bool) -> None:
+    def __init__(self, receive: Receive, send: Send, cancel: Cancellation) -> None:
         self._receive = receive
         self._send = send
         self._cancel = cancel
-        self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
+        self._queue: asyncio.Queue[Message] | None = None
         self._gone: Message | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._reading = False
         self.started = False
-        self._pump = asyncio.ensure_future(self._read_ahead()) if http else None
+
+    def watch(self) -> None:
+        """Start the pump, unless the app is reading right now (two readers
+        of one ``receive`` would split its messages): then the app's own
+        read sees the disconnect."""
+        if self._pump is None and not self._reading:
+            self._queue = asyncio.Queue(maxsize=1)
+            self._pump = asyncio.ensure_future(self._read_ahead())
 
     async def receive(self) -> Message:
-        if self._pump is None:
-            message = await self._receive()
+        queue = self._queue
+        if queue is None:
+            self._reading = True
+            try:
+                message = await self._receive()
+            finally:
+                self._reading = False
             self._watch(message)
             return message
-        if self._gone is not None and self._queue.empty():
+        if self._gone is not None and queue.empty():
             return self._gone
-        return await self._queue.get()
+        return await queue.get()
 
     def _watch(self, message: Message) -> bool:
         kind = message.get("type")
@@ -215,14 +233,16 @@ class _Exchange:
         return False
 
     async def _read_ahead(self) -> None:
+        queue = self._queue
+        assert queue is not None  # set by watch()
         while True:
             message = await self._receive()
             if self._watch(message):
                 self._gone = message
-                if self._queue.empty():
-                    self._queue.put_nowait(message)
+                if queue.empty():
+                    queue.put_nowait(message)
                 return
-            await self._queue.put(message)  # waits for the app: one message ahead
+            await queue.put(message)  # waits for the app: one message ahead
 
     async def send(self, message: Message) -> None:
         kind = message.get("type")
@@ -233,6 +253,11 @@ class _Exchange:
     def close(self) -> None:
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
+
+
+#: Seconds a request under a deadline runs before its client is watched for
+#: a disconnect while the handler is not reading (see _Exchange).
+WATCH_AFTER = 0.05
 
 
 async def _answer_504(send: Send, ctx: Context) -> None:
