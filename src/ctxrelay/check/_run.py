@@ -113,7 +113,7 @@ def _parse_toml(text: str, path: Path) -> dict[str, Any]:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    return _mini_toml(text, path)  # pragma: no cover - Python 3.10 only
+    return _mini_toml(text, path)  # Python 3.10 (no tomllib)
 
 
 def _unquoted(text: str) -> str:
@@ -146,7 +146,7 @@ def _unquoted(text: str) -> str:
     return "".join(out).strip()
 
 
-def _mini_toml(text: str, path: Path) -> dict[str, Any]:  # pragma: no cover - 3.10
+def _mini_toml(text: str, path: Path) -> dict[str, Any]:  # Python 3.10
     """Just enough TOML for [tool.ctxrelay] on Python 3.10 (no tomllib there)."""
     section: dict[str, Any] | None = None
     result: dict[str, Any] = {}

@@ -45,7 +45,7 @@ from urllib.parse import urljoin
 
 try:
     import aiohttp
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.aiohttp needs aiohttp: pip install 'ctxrelay[aiohttp]'"
     ) from exc

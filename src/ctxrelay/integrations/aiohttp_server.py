@@ -45,7 +45,7 @@ from typing import Any
 
 try:
     from aiohttp import web
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.aiohttp_server needs aiohttp: pip install 'ctxrelay[aiohttp]'"
     ) from exc

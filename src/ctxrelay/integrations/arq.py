@@ -58,7 +58,7 @@ try:
     from arq.connections import ArqRedis
     from arq.constants import job_key_prefix
     from arq.utils import ms_to_datetime
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError("ctxrelay.integrations.arq needs arq: pip install 'ctxrelay[arq]'") from exc
 
 from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local

@@ -100,7 +100,7 @@ from typing import Any
 
 try:
     from celery import Celery, signals  # type: ignore[import-untyped]
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.celery needs Celery: pip install 'ctxrelay[celery]'"
     ) from exc

@@ -36,7 +36,7 @@ try:
     from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
     from django.http import FileResponse  # type: ignore[import-untyped]
     from django.utils.module_loading import import_string  # type: ignore[import-untyped]
-except ImportError as exc:  # pragma: no cover - exercised without Django only
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.django needs Django: pip install 'ctxrelay[django]'"
     ) from exc

@@ -61,7 +61,7 @@ try:
     from dramatiq import Broker, Message, Middleware
     from dramatiq.broker import MessageProxy
     from dramatiq.middleware import SkipMessage
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.dramatiq needs Dramatiq: pip install 'ctxrelay[dramatiq]'"
     ) from exc

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 try:
     import httpx
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.httpx needs httpx: pip install 'ctxrelay[httpx]'"
     ) from exc

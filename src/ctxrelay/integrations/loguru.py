@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 try:
     import loguru  # noqa: F401  # only the record is needed, but say which extra is missing
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.loguru needs loguru: pip install 'ctxrelay[loguru]'"
     ) from exc

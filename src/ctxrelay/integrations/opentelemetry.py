@@ -47,7 +47,7 @@ from typing import Final
 try:
     from opentelemetry.context import Context as OtelContext
     from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.opentelemetry needs opentelemetry-sdk: "
         "pip install 'ctxrelay[opentelemetry]'"

@@ -54,7 +54,7 @@ try:
     from reactivex import abc, typing
     from reactivex.scheduler.periodicscheduler import PeriodicScheduler
     from reactivex.scheduler.scheduler import Scheduler
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.reactivex needs reactivex: pip install 'ctxrelay[reactivex]'"
     ) from exc

@@ -44,7 +44,7 @@ from typing import Any
 
 try:
     import requests
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.requests needs requests: pip install 'ctxrelay[requests]'"
     ) from exc

@@ -33,7 +33,7 @@ from typing import Any
 
 try:
     import structlog.typing
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.structlog needs structlog: pip install 'ctxrelay[structlog]'"
     ) from exc

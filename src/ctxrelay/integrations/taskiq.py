@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 try:
     from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
     from taskiq.kicker import AsyncKicker
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.taskiq needs taskiq: pip install 'ctxrelay[taskiq]'"
     ) from exc
