@@ -8,7 +8,7 @@ points the suite at another Redis (``make test-matrix`` starts a private one).
 
 What the suite may write to Redis (the README lists it too):
 
-* only the databases of :data:`REDIS_DATABASES`, 6 to 15 -- never 0 to 5;
+* only the databases of :data:`REDIS_DATABASES`, 5 to 15 -- never 0 to 4;
 * a test module claims its database with :func:`need_redis`, which writes the
   key :data:`OWNER_KEY` (this process's id) into it.  A database that holds
   keys without that mark is someone else's, and one that another live test
@@ -60,6 +60,7 @@ REDIS_PORT = int(_port)
 
 #: The Redis databases the suite may use, and who uses each.
 REDIS_DATABASES = {
+    5: "tests/integrations/test_queue_deadlines.py",
     6: "tests/integrations/test_sentry.py, tests/integrations/test_opentelemetry_spans.py",
     7: "tests/integrations/test_arq.py",
     8: "tests/integrations/test_taskiq.py",

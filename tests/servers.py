@@ -83,11 +83,23 @@ def serve_wsgi(app: Any, *, threads: int = 8) -> Iterator[str]:
         app, host="127.0.0.1", port=0, threads=threads, connection_limit=1000, backlog=1024
     )
     port = server.effective_port
-    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+    closing = threading.Event()
+
+    def run() -> None:
+        try:
+            server.run()
+        except OSError:
+            # Closing the listening socket from this thread races waitress's
+            # select() in its own: EBADF there is the shutdown, not a failure.
+            if not closing.is_set():
+                raise
+
+    thread = threading.Thread(target=run, name="waitress", daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        closing.set()
         server.close()
         thread.join(timeout=15)
 
