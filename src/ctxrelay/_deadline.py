@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from contextvars import Token
 from time import monotonic
 from types import TracebackType
@@ -29,6 +30,7 @@ __all__ = [
     "DeadlineExceeded",
     "RequestCancelled",
     "cancelled",
+    "call_deadline",
     "check_timeout",
     "checkpoint",
     "deadline",
@@ -289,3 +291,22 @@ def log_if_late(logger: logging.Logger, ctx: Context, method: object, path: obje
         log_text(path or "?"),
         late * 1000,
     )
+
+
+def call_deadline(
+    timed_out: Callable[[str], BaseException],
+    cancelled: Callable[[str], BaseException] | None = None,
+) -> float | None:
+    """For an outgoing call about to start: the deadline it runs under (a
+    monotonic instant), or None; raises at once, before any network, when the
+    deadline passed (``timed_out(message)``: the client's own timeout error
+    that is also a :class:`DeadlineExceeded`) or the request was cancelled
+    (``cancelled(message)``, default :class:`RequestCancelled`).  The one
+    rule every client integration applies before it clamps its timeouts."""
+    ctx = read_current()
+    error = expired(ctx)
+    if error is not None:
+        if isinstance(error, DeadlineExceeded):
+            raise timed_out(str(error))
+        raise error if cancelled is None else cancelled(str(error))
+    return ctx._deadline

@@ -53,8 +53,7 @@ except ImportError as exc:  # without the extra installed (make dist checks it)
 import attr
 from aiohttp.helpers import sentinel
 
-from .._context import current
-from .._deadline import DeadlineExceeded, deadline_of, expired
+from .._deadline import DeadlineExceeded, call_deadline
 from .._outbound import Sent, inject_hop
 
 __all__ = ["install", "trace_config", "uninstall"]
@@ -69,13 +68,7 @@ class _DeadlineTimeout(DeadlineExceeded, aiohttp.ServerTimeoutError):
 def _check() -> float | None:
     """The current deadline (a monotonic instant) or None; raises at once
     when it passed or the request was cancelled."""
-    ctx = current()
-    error = expired(ctx)
-    if error is not None:
-        if isinstance(error, DeadlineExceeded):
-            raise _DeadlineTimeout(str(error))
-        raise error
-    return deadline_of(ctx)
+    return call_deadline(_DeadlineTimeout)
 
 
 async def _on_request_start(

@@ -65,7 +65,7 @@ import grpc.aio
 
 from .. import _policy
 from .._context import REQUEST_ID, Context, current, enter, leave, narrowed
-from .._deadline import DeadlineExceeded, RequestCancelled, deadline_of, expired
+from .._deadline import DeadlineExceeded, RequestCancelled, call_deadline
 from .._escape import log_text
 from .._inbound import Door, RequestIdValidator, open_asgi
 from .._outbound import outgoing
@@ -260,13 +260,7 @@ def _timeout(own: float | None) -> float | None:
     Raises at once, before any network, when the deadline passed or the
     request was cancelled.
     """
-    ctx = current()
-    error = expired(ctx)
-    if error is not None:
-        if isinstance(error, DeadlineExceeded):
-            raise _DeadlineRpcError(str(error))
-        raise _CancelledRpcError(str(error))
-    at = deadline_of(ctx)
+    at = call_deadline(_DeadlineRpcError, _CancelledRpcError)
     if at is None:
         return own
     left = max(0.001, at - monotonic())  # gRPC reads 0 as "already expired"

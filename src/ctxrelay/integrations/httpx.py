@@ -47,7 +47,7 @@ except ImportError as exc:  # without the extra installed (make dist checks it)
     ) from exc
 
 from .._context import current
-from .._deadline import DeadlineExceeded, deadline_of, expired
+from .._deadline import DeadlineExceeded, call_deadline, expired
 from .._outbound import Sent, inject_hop
 
 __all__ = ["async_request_hook", "install", "request_hook", "uninstall"]
@@ -72,13 +72,7 @@ def _deadline_error(message: str, request: httpx.Request) -> _DeadlineTimeout:
 
 def _bound(request: httpx.Request) -> None:
     """Fail at once when the work is out of time, else clamp every timeout."""
-    ctx = current()
-    error = expired(ctx)
-    if error is not None:
-        if isinstance(error, DeadlineExceeded):
-            raise _deadline_error(str(error), request)
-        raise error
-    at = deadline_of(ctx)
+    at = call_deadline(lambda message: _deadline_error(message, request))
     if at is None:
         return
     left = max(0.001, at - monotonic())  # never 0: httpcore reads 0 as "do not wait"

@@ -52,8 +52,7 @@ except ImportError as exc:  # without the extra installed (make dist checks it)
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import Timeout
 
-from .._context import current
-from .._deadline import DeadlineExceeded, deadline_of, expired
+from .._deadline import DeadlineExceeded, call_deadline
 from .._outbound import Sent, inject_hop
 
 __all__ = ["Session", "install", "uninstall"]
@@ -110,13 +109,7 @@ def _bounded(request: requests.PreparedRequest, kwargs: dict[str, Any]) -> float
     Raises at once, before any network, when the deadline passed or the
     request was cancelled; otherwise clamps ``kwargs["timeout"]``.
     """
-    ctx = current()
-    error = expired(ctx)
-    if error is not None:
-        if isinstance(error, DeadlineExceeded):
-            raise _deadline_error(str(error), request)
-        raise error
-    at = deadline_of(ctx)
+    at = call_deadline(lambda message: _deadline_error(message, request))
     if at is None:
         return None
     # At least a millisecond: a zero timeout would make the socket non-blocking.
