@@ -7,6 +7,7 @@ Imported by :mod:`ctxrelay.demo` only when the demo runs, since it needs the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -178,7 +179,10 @@ def _mail_hop(published: Any, worker: Worker) -> Hop | None:
         return None
     try:
         reported = published.get(timeout=WAIT, interval=0.02)
-        published.forget()  # a real result backend keeps it otherwise
+        # A real result backend keeps it otherwise.  RPC results are consumed
+        # by get(); Celery before 5.4 raises NotImplementedError for them.
+        with contextlib.suppress(NotImplementedError):
+            published.forget()
         return Hop.from_dict(reported)
     except Exception as exc:  # the report says "never reported"; say why here
         print(f"ctxrelay demo: the Celery task did not report: {exc!r}", file=sys.stderr)
