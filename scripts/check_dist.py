@@ -111,7 +111,12 @@ def run(command: Sequence[str | Path], cwd: Path | str | None = None) -> str:
     """Run ``command``; return its output, or raise :class:`Failed` with it."""
     shown = " ".join(shlex.quote(str(part)) for part in command)
     finished = subprocess.run(
-        [str(part) for part in command], capture_output=True, text=True, check=False, cwd=cwd
+        [str(part) for part in command],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        env={**os.environ, "UV_PYTHON_DOWNLOADS": "never"},  # only the Pythons that are here
     )
     if finished.returncode != 0:
         raise Failed(f"{shown} exited {finished.returncode}:\n{finished.stdout}{finished.stderr}")

@@ -135,10 +135,26 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
+def _requirements() -> list[str]:
+    """The project's requirements as metadata spells them (``...; extra == "x"``),
+    from pyproject.toml where the Python can read it, else from the installed
+    metadata (which may predate the last edit of pyproject.toml)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        return [
+            f'{req}; extra == "{extra}"'
+            for extra, reqs in project["optional-dependencies"].items()
+            for req in reqs
+        ]
+    return metadata.requires("ctxrelay") or []
+
+
 def ranges() -> dict[str, tuple[str, str]]:
-    """extra -> (distribution, lowest allowed version), from the installed metadata."""
+    """extra -> (distribution, lowest allowed version)."""
     found: dict[str, tuple[str, str]] = {}
-    for requirement in metadata.requires("ctxrelay") or []:
+    for requirement in _requirements():
         spec, _, marker = requirement.partition(";")
         extra = re.search(r'extra == "([^"]+)"', marker)
         match = _REQUIREMENT.match(spec.replace(" ", ""))
@@ -245,7 +261,11 @@ def run_session(session: Session, redis_at: str, timeout: float) -> Outcome:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     timeout=limit,
-                    env={**os.environ, "CTXRELAY_TEST_REDIS": redis_at},
+                    env={
+                        **os.environ,
+                        "CTXRELAY_TEST_REDIS": redis_at,
+                        "UV_PYTHON_DOWNLOADS": "never",
+                    },
                     check=False,
                 ).returncode
             except subprocess.TimeoutExpired:
