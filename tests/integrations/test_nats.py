@@ -395,8 +395,9 @@ def test_hostile_headers_run_the_handler_with_an_empty_context_and_a_log_line(
 
     with caplog.at_level(logging.WARNING, logger="ctxrelay"):
         seen, count = run(main)
-    assert seen[:count] == [{}] * count
-    assert seen[count] == {"request_id": "r-after"}  # the connection keeps serving
+    # Two connections publish: the server orders each one's messages, not the
+    # two against each other, so only the counts are fixed.
+    assert sorted(seen, key=len) == [{}] * count + [{"request_id": "r-after"}]
     messages = [r.getMessage() for r in caplog.records if r.name == "ctxrelay"]
     for name, _, why in _hostile(""):
         assert any(why in m for m in messages), name
