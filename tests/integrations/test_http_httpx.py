@@ -155,3 +155,9 @@ def test_uninstall_removes_only_ctxrelays_hooks() -> None:
         client.get(internal.url("/a"))
     assert "x-request-id" not in internal.last("/a").headers
     client.close()
+
+
+@pytest.mark.parametrize("not_a_client", [None, "x", 42])
+def test_install_refuses_what_is_not_a_client(not_a_client: object) -> None:
+    with pytest.raises(TypeError, match="httpx.Client"):
+        install(not_a_client)  # type: ignore[type-var]

@@ -133,3 +133,9 @@ def test_uninstall_undoes_install_exactly() -> None:
         session.get(internal.url("/a"), timeout=10)
     assert "x-request-id" not in internal.last("/a").headers
     session.close()
+
+
+@pytest.mark.parametrize("not_a_session", [None, "x", 42])
+def test_install_refuses_what_is_not_a_session(not_a_session: object) -> None:
+    with pytest.raises(TypeError, match="requests.Session"):
+        install(not_a_session)  # type: ignore[arg-type]

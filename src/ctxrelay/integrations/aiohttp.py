@@ -132,6 +132,8 @@ def install(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
     clamp ``ClientTimeout.total`` to the time remaining, and report a
     timeout the deadline caused as ``DeadlineExceeded``.
     """
+    if not isinstance(session, aiohttp.ClientSession):
+        raise TypeError(f"install() takes an aiohttp.ClientSession, not {type(session).__name__}")
     request: _Request = session._request
     if getattr(request, "__name__", "") == "relaying_request":
         return session

@@ -138,6 +138,10 @@ def install(client: _ClientT) -> _ClientT:
     caller's and win.  ``client.send`` is wrapped too, so that a timeout
     that fires once the deadline passed is raised as ``DeadlineExceeded``.
     """
+    if not isinstance(client, (httpx.Client, httpx.AsyncClient)):
+        raise TypeError(
+            f"install() takes an httpx.Client or httpx.AsyncClient, not {type(client).__name__}"
+        )
     aio = isinstance(client, httpx.AsyncClient)
     hook = async_request_hook if aio else request_hook
     hooks: dict[str, list[Callable[..., Any]]] = client.event_hooks

@@ -187,6 +187,8 @@ def install(session: requests.Session) -> requests.Session:
 
     Idempotent: installing twice changes nothing.
     """
+    if not isinstance(session, requests.Session):
+        raise TypeError(f"install() takes a requests.Session, not {type(session).__name__}")
     if isinstance(session, Session) or getattr(session, "_ctxrelay_installed", False):
         return session
     send, rebuild_auth = session.send, session.rebuild_auth
