@@ -159,5 +159,5 @@ def test_uninstall_removes_only_ctxrelays_hooks() -> None:
 
 @pytest.mark.parametrize("not_a_client", [None, "x", 42])
 def test_install_refuses_what_is_not_a_client(not_a_client: object) -> None:
-    with pytest.raises(TypeError, match="httpx.Client"):
+    with pytest.raises(TypeError, match=r"httpx\.Client"):
         install(not_a_client)  # type: ignore[type-var]

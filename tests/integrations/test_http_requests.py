@@ -137,5 +137,5 @@ def test_uninstall_undoes_install_exactly() -> None:
 
 @pytest.mark.parametrize("not_a_session", [None, "x", 42])
 def test_install_refuses_what_is_not_a_session(not_a_session: object) -> None:
-    with pytest.raises(TypeError, match="requests.Session"):
+    with pytest.raises(TypeError, match=r"requests\.Session"):
         install(not_a_session)  # type: ignore[arg-type]
