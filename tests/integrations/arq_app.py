@@ -2,20 +2,26 @@
 
 ``python -m arq tests.integrations.arq_app.WorkerSettings`` reads its Redis
 URL and queue from ``CTXRELAY_TEST_*`` environment variables; the worker
-signs and checks contexts with :data:`SECRET`.
+signs and checks contexts with :data:`SECRET`.  Its ``ctxrelay`` log lines
+show the request id bound while they are logged (``[rid=...]``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from arq import Retry
 from arq.connections import RedisSettings
 
 import ctxrelay
+from ctxrelay.integrations import logging as relay_logging
 from ctxrelay.integrations.arq import install_worker
+
+LOG_FORMAT = "%(levelname)s [rid=%(request_id)s] %(name)s: %(message)s"
 
 SECRET = "ctxrelay-arq-test-secret-0123456789"
 
@@ -52,6 +58,17 @@ async def slow(ctx: dict[str, Any]) -> None:
     await asyncio.sleep(60)  # timed out or aborted
 
 
+async def mark(ctx: dict[str, Any], path: str) -> str:
+    """Leave a file behind: the proof that the job ran."""
+    Path(path).write_text(ctxrelay.request_id() or "-")
+    return path
+
+
+async def remaining(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The time the job has left, and the fields it sees."""
+    return {"remaining": ctxrelay.remaining(), "fields": dict(ctxrelay.current())}
+
+
 async def parent(ctx: dict[str, Any]) -> str:
     with ctxrelay.bind(step="child"):
         job = await ctx["redis"].enqueue_job("fields", _queue_name=ctx["queue"])
@@ -60,6 +77,8 @@ async def parent(ctx: dict[str, Any]) -> str:
 
 async def remember_queue(ctx: dict[str, Any]) -> None:
     ctx["queue"] = os.environ.get("CTXRELAY_TEST_QUEUE", "arq:queue")
+    # In the worker only: ctxrelay's own lines, with the request id bound.
+    relay_logging.setup(LOG_FORMAT, logger=logging.getLogger("ctxrelay"))
 
 
 async def seen_by_hooks(ctx: dict[str, Any]) -> None:
@@ -71,7 +90,7 @@ async def hook_saw(ctx: dict[str, Any]) -> Any:
     return ctx.get("hook_saw")
 
 
-FUNCTIONS = [fields, interleaved, leaky, fails, retried, slow, parent, hook_saw]
+FUNCTIONS = [fields, interleaved, leaky, fails, retried, slow, mark, remaining, parent, hook_saw]
 
 
 @install_worker(secret=SECRET)

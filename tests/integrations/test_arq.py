@@ -24,7 +24,7 @@ from arq.jobs import Job
 import ctxrelay
 from ctxrelay import Policy
 from ctxrelay._carrier import KEY, SIGNATURE, Signer, binding, capture
-from ctxrelay.integrations.arq import install, install_worker
+from ctxrelay.integrations.arq import EXPIRY_GRACE, install, install_worker
 from tests.brokers import WorkerProcess, flush_redis, need_redis, wait_until
 from tests.integrations.arq_app import SECRET
 
@@ -190,6 +190,86 @@ def test_retried_deferred_and_child_jobs_keep_the_context(worker: ArqWorker) -> 
     # The child carries its parent's fields on, with its own job id.
     assert child == {"request_id": "r-parent", "step": "child", "job_id": child_id}
     assert child_id != parent_id
+
+
+def test_a_job_delayed_past_its_deadline_is_not_run(worker: ArqWorker, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    async def main() -> tuple[str, str]:
+        pool = await worker.pool()
+        try:
+            with ctxrelay.bind(request_id="r-arq-late"), ctxrelay.deadline(0.5):
+                late = await pool.enqueue_job("mark", str(marker), _defer_by=1.5)
+            assert late is not None
+            with pytest.raises(ctxrelay.DeadlineExceeded):
+                await result(late)
+            # The worker keeps serving, and a job with time left runs.
+            with ctxrelay.bind(request_id="r-arq-after"), ctxrelay.deadline(30):
+                after = await result(await pool.enqueue_job("mark", str(marker)))
+            return late.job_id, after
+        finally:
+            await pool.aclose()
+
+    job_id, after = run(main)
+    assert after == str(marker)
+    assert marker.read_text() == "r-arq-after"  # written by the second job only
+
+    def logged() -> bool:
+        return any(
+            "[rid=r-arq-late]" in line and job_id in line and "deadline passed" in line
+            for line in worker.process.output().splitlines()
+        )
+
+    wait_until(logged, "the worker's line about the expired job, with its request id")
+
+
+def test_a_job_with_time_left_sees_less_of_it(worker: ArqWorker) -> None:
+    async def main() -> tuple[float | None, Any, Any]:
+        pool = await worker.pool()
+        try:
+            with ctxrelay.bind(request_id="r-arq-left"), ctxrelay.deadline(30):
+                before = ctxrelay.remaining()
+                timed = await pool.enqueue_job("remaining")
+            with ctxrelay.bind(request_id="r-arq-none"):
+                untimed = await pool.enqueue_job("remaining")
+            return before, await result(timed), await result(untimed)
+        finally:
+            await pool.aclose()
+
+    before, seen, none = run(main)
+    assert before is not None
+    assert seen["remaining"] is not None
+    assert 0 < seen["remaining"] < before
+    assert seen["fields"]["request_id"] == "r-arq-left"
+    assert none["remaining"] is None
+    assert none["fields"]["request_id"] == "r-arq-none"
+
+
+def test_the_stored_job_expires_after_the_deadline_never_later_than_the_callers(
+    worker: ArqWorker,
+) -> None:
+    async def main() -> list[int]:
+        pool = await worker.pool()
+        try:
+            ttls = []
+            for deadline, expires in ((20, None), (20, 5), (20, 3600), (None, None)):
+                # A queue no worker reads: the stored job is looked at, not run.
+                with ctxrelay.deadline(deadline):
+                    job = await pool.enqueue_job(
+                        "fields", _queue_name="ctxrelay-arq-nobody", _expires=expires
+                    )
+                assert job is not None
+                ttls.append(await pool.pttl(job_key_prefix + job.job_id))
+            return ttls
+        finally:
+            await pool.aclose()
+
+    narrowed, kept, capped, untouched = run(main)
+    limit = (20 + EXPIRY_GRACE) * 1000
+    assert 0 < narrowed <= limit
+    assert 0 < kept <= 5000  # the caller's own, shorter: kept
+    assert 0 < capped <= limit  # the caller's own, longer: the deadline's
+    assert untouched > limit  # no deadline: arq's own default (a day)
 
 
 def test_the_in_house_route_decides_what_the_stored_job_carries(worker: ArqWorker) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from taskiq import InMemoryBroker, TaskiqResult
 from taskiq.kicker import AsyncKicker
-from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+from taskiq_redis import ListQueueBroker, ListRedisScheduleSource, RedisAsyncResultBackend
 
 import ctxrelay
 from ctxrelay import Policy
@@ -205,6 +205,96 @@ def test_retried_child_and_scheduled_tasks_keep_the_context(tasks: Any, tmp_path
     assert child == {"request_id": "r-parent", "step": "child", "task_id": child_id}
     assert child_id != parent_id
     assert relayed(later) == {"request_id": "r-scheduled", "user": "ada"}
+
+
+def _logged(workers: Workers, *needles: str) -> bool:
+    return any(all(n in line for n in needles) for line in workers.worker.output().splitlines())
+
+
+def test_a_task_delayed_past_its_deadline_is_not_run(
+    tasks: Any, workers: Workers, tmp_path: Path
+) -> None:
+    scheduled, kicked = tmp_path / "scheduled", tmp_path / "kicked"
+
+    async def main() -> tuple[str, TaskiqResult[Any], TaskiqResult[Any], str, Any]:
+        # The scheduler process's source; a new client (one per event loop).
+        source = ListRedisScheduleSource(workers.url, prefix=f"{QUEUE}-schedule")
+        await source.startup()
+        try:
+            # Kicked by the scheduler process about 1.5 s later: past its 0.5 s.
+            when = datetime.now(timezone.utc) + timedelta(seconds=1.5)
+            with ctxrelay.bind(request_id="r-tq-late"), ctxrelay.deadline(0.5):
+                kicker = carry(tasks.mark.kicker())
+            await kicker.schedule_by_time(source, when, str(scheduled))
+        finally:
+            await source.shutdown()
+            # taskiq-redis's shutdown leaves its connection pool open.
+            await source._connection_pool.disconnect()
+        task_id = str(kicker.custom_task_id)
+        from taskiq.task import AsyncTaskiqTask
+
+        late = await AsyncTaskiqTask(task_id, tasks.broker.result_backend).wait_result(
+            timeout=WAIT, check_interval=0.05
+        )
+        # A sync task that arrives with no time left at all.
+        with ctxrelay.bind(request_id="r-tq-sync-late"), ctxrelay.deadline(0):
+            sync = await tasks.sync_mark.kiq(str(kicked))
+        sync_late = await sync.wait_result(timeout=WAIT, check_interval=0.05)
+        # The worker keeps serving, and a task with time left runs.
+        with ctxrelay.bind(request_id="r-tq-after"), ctxrelay.deadline(30):
+            after = await value(await tasks.mark.kiq(str(scheduled)))
+        return task_id, late, sync_late, sync.task_id, after
+
+    task_id, late, sync_late, sync_id, after = run(main, tasks)
+    for refused in (late, sync_late):
+        assert refused.is_err
+        assert "deadline passed" in str(refused.error)
+    assert after == str(scheduled)
+    assert scheduled.read_text() == "r-tq-after"  # written by the last task only
+    assert not kicked.exists()
+    wait_until(
+        lambda: _logged(workers, "[rid=r-tq-late]", task_id, "deadline passed"),
+        "the worker's line about the expired task, with its request id",
+    )
+    wait_until(
+        lambda: _logged(workers, "[rid=r-tq-sync-late]", sync_id, "deadline passed"),
+        "the worker's line about the expired sync task, with its request id",
+    )
+
+
+def test_a_task_with_time_left_sees_less_of_it_and_is_cut_at_the_deadline(tasks: Any) -> None:
+    async def main() -> tuple[float | None, Any, Any, TaskiqResult[Any], TaskiqResult[Any]]:
+        with ctxrelay.bind(request_id="r-tq-left"), ctxrelay.deadline(30):
+            before = ctxrelay.remaining()
+            timed = await tasks.remaining.kiq()
+        with ctxrelay.bind(request_id="r-tq-none"):
+            untimed = await tasks.remaining.kiq()
+        with ctxrelay.bind(request_id="r-tq-cut"), ctxrelay.deadline(0.5):
+            cut = await tasks.remaining_slowly.kiq(30)  # its own timeout is 5 s
+        with ctxrelay.bind(request_id="r-tq-own"), ctxrelay.deadline(60):
+            own = await tasks.remaining_slowly.kiq(0)
+        return (
+            before,
+            await value(timed),
+            await value(untimed),
+            await cut.wait_result(timeout=WAIT, check_interval=0.05),
+            await own.wait_result(timeout=WAIT, check_interval=0.05),
+        )
+
+    before, seen, none, cut, own = run(main, tasks)
+    assert before is not None
+    assert seen["remaining"] is not None
+    assert 0 < seen["remaining"] < before
+    assert seen["fields"]["request_id"] == "r-tq-left"
+    assert none["remaining"] is None
+    assert none["fields"]["request_id"] == "r-tq-none"
+    # Cut at the deadline, not at its own 5 s: taskiq's timeout label was
+    # the time left (the stored result keeps the labels it ran with).
+    assert cut.is_err
+    assert isinstance(cut.error, TimeoutError)
+    assert float(cut.labels["timeout"]) <= 0.5
+    assert not own.is_err
+    assert float(own.labels["timeout"]) == 5  # the task's own, shorter: kept
 
 
 def test_the_in_house_route_decides_what_the_message_carries() -> None:

@@ -43,14 +43,37 @@ What each piece does:
 * A retried job (``Retry``, a job cancelled by shutdown and run again) and a
   deferred one (``_defer_by``, ``_defer_until``) are the same stored job:
   the same context.
+
+Deadlines (``ctxrelay.deadline``, a door's ``timeout=``): a job enqueued
+while a deadline is bound
+
+* **expires**: ``enqueue_job`` passes arq's ``_expires`` (how long the stored
+  job lives) as the time left plus ``EXPIRY_GRACE`` (10 s), never longer than an
+  ``_expires`` the caller gave -- so Redis drops a job nobody ran in time
+  even without ctxrelay in the worker.  The grace keeps the job readable for
+  a while after its deadline, so a worker that reaches it late can say whose
+  it was (a job key already gone only gets arq's own "job ... expired" line);
+* **runs with the time it has left**: the worker binds the carried time
+  narrowed by the time since the job was enqueued (arq's enqueue time, wall
+  clock);
+* **is not run once its deadline passed before it started**: every function
+  of the settings is wrapped so that, with the job's context bound, it
+  raises :class:`ctxrelay.DeadlineExceeded` instead of running, after a
+  warning with the request id (``ctxrelay: arq job '...' not run: its
+  deadline passed before it started``).  arq stores that as the job's
+  failed result (``job.result()`` raises it) and does not retry it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import pickle
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
+from datetime import timedelta
 from typing import Any, TypeVar
 from uuid import uuid4
 
@@ -58,11 +81,13 @@ try:
     from arq.connections import ArqRedis
     from arq.constants import job_key_prefix
     from arq.utils import ms_to_datetime
+    from arq.worker import Function, func
 except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError("ctxrelay.integrations.arq needs arq: pip install 'ctxrelay[arq]'") from exc
 
 from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
-from .._context import enter, leave
+from .._context import Context, current, enter, leave, narrowed, read_current
+from .._deadline import deadline_of, expired, remaining_ms
 
 __all__ = ["JOB_ID", "KEY", "Signer", "install", "install_worker"]
 
@@ -70,6 +95,11 @@ _log = logging.getLogger("ctxrelay")
 
 #: The worker-local field holding the running job's id.
 JOB_ID = "job_id"
+
+#: Seconds a job enqueued under a deadline stays stored after its deadline
+#: (``_expires`` is the time left plus this): long enough for a late worker
+#: to read it and log whose it was, short enough that Redis soon drops it.
+EXPIRY_GRACE = 10.0
 
 #: Where the token of a job's binding waits for ``after_job_end``: the job's
 #: own ``ctx`` dict, which arq builds afresh for every run of a job.
@@ -131,7 +161,11 @@ def install(
     original = redis.enqueue_job
 
     async def enqueue_job(
-        function: str, *args: Any, _job_id: str | None = None, **kwargs: Any
+        function: str,
+        *args: Any,
+        _job_id: str | None = None,
+        _expires: float | timedelta | None = None,
+        **kwargs: Any,
     ) -> Any:
         # The id the signature is bound to, chosen now as arq would (uuid4().hex).
         job_id = _job_id or uuid4().hex
@@ -140,10 +174,11 @@ def install(
             carrier = capture(binding(function, job_id), state.signer)
             if carrier:
                 mark = _pending.set((function, carrier))
+            _expires = _expiry(_expires)
         except Exception:  # never fail the enqueue for the context
             _log.exception("ctxrelay: could not put the context on an arq job")
         try:
-            return await original(function, *args, _job_id=job_id, **kwargs)
+            return await original(function, *args, _job_id=job_id, _expires=_expires, **kwargs)
         finally:
             if mark is not None:
                 _pending.reset(mark)
@@ -154,7 +189,65 @@ def install(
     return redis
 
 
+def _expiry(given: float | timedelta | None) -> float | timedelta | None:
+    """``_expires`` for a job enqueued now: the time left plus the grace,
+    never longer than the caller's own (``given``); ``given`` without a
+    deadline."""
+    left = remaining_ms(current())
+    if left is None:
+        return given
+    mine = left / 1000 + EXPIRY_GRACE
+    if given is None:
+        return mine
+    own = given.total_seconds() if isinstance(given, timedelta) else float(given)
+    # arq reads a falsy _expires as "none given" (its one-day default).
+    return given if 0 < own <= mine else mine
+
+
 # -- the worker ------------------------------------------------------------------
+def _queued_time_out(ctx: Context, enqueued_ms: object) -> Context:
+    """``ctx`` with its deadline narrowed by the time since the job was
+    enqueued: the carried remaining time is re-read at receipt, so without
+    this a job that waited 4 s of its 5 would still get 5 s.  Only a context
+    that carried a deadline is narrowed, and only ever narrowed."""
+    at = deadline_of(ctx)
+    if at is None or isinstance(enqueued_ms, bool) or not isinstance(enqueued_ms, (int, float)):
+        return ctx
+    waited = max(0.0, time.time() - enqueued_ms / 1000)
+    return narrowed(ctx, at - waited)
+
+
+def _guarded(coroutine: Any) -> Any:
+    """``coroutine`` refusing to run a job whose deadline passed before it
+    started (in the job's context, which arq copies into the function's task)."""
+    if getattr(coroutine, "_ctxrelay_guard", False):
+        return coroutine
+
+    @functools.wraps(coroutine)
+    async def guarded(ctx: dict[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        error = expired(read_current())
+        if error is not None:
+            # Bound already: the line carries the request id.
+            job_id = ctx.get("job_id") if isinstance(ctx, dict) else None
+            _log.warning(
+                "ctxrelay: arq job %r not run: its deadline passed before it started",
+                str(job_id)[:100],
+            )
+            raise error
+        return await coroutine(ctx, *args, **kwargs)
+
+    guarded._ctxrelay_guard = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _guard_functions(functions: Sequence[Any]) -> list[Function]:
+    guarded = []
+    for function in functions:
+        declared = func(function)
+        guarded.append(dataclasses.replace(declared, coroutine=_guarded(declared.coroutine)))
+    return guarded
+
+
 def _reading(base: Deserializer) -> Deserializer:
     def deserialize(raw: bytes) -> dict[str, Any]:
         data = base(raw)
@@ -169,20 +262,20 @@ def _reading(base: Deserializer) -> Deserializer:
     return deserialize
 
 
-async def _carried(ctx: dict[Any, Any], base: Deserializer) -> tuple[object, object]:
-    """(function name, carrier) of the job ``ctx`` describes."""
+async def _carried(ctx: dict[Any, Any], base: Deserializer) -> tuple[object, object, object]:
+    """(function name, enqueue time in ms, carrier) of the job ``ctx`` describes."""
     read = _read.get()
     _read.set(None)
     if read is not None and read[1] is not None:
         try:
             if ms_to_datetime(read[1]) == ctx.get("enqueue_time"):  # type: ignore[arg-type]
-                return read[0], read[2]
+                return read
         except Exception:
             pass
     # Not handed over (an arq that reads jobs elsewhere): read the job again.
     raw = await ctx["redis"].get(job_key_prefix + str(ctx["job_id"]))
     data = base(raw) if raw else {}
-    return data.get("f"), data.get(KEY)
+    return data.get("f"), data.get("et"), data.get(KEY)
 
 
 def _get(settings: Any, name: str) -> Any:
@@ -208,7 +301,9 @@ def install_worker(
     returned.  Usable as a class decorator, bare or as
     ``@install_worker(secret=...)``.  Idempotent.  Hooks already set
     (``on_startup``, ``on_job_start``, ``after_job_end``) and a custom
-    ``job_deserializer`` keep working: ctxrelay's wrap them.
+    ``job_deserializer`` keep working: ctxrelay's wrap them.  Each of
+    ``functions`` is wrapped so that a job whose deadline passed before it
+    started is not run (see the module docs).
     """
     if settings is None:
         return lambda later: install_worker(later, secret=secret)
@@ -234,9 +329,10 @@ def install_worker(
     async def job_start(ctx: dict[Any, Any]) -> None:
         job_id = ctx.get("job_id")
         try:
-            function, carrier = await _carried(ctx, base)
+            function, enqueued, carrier = await _carried(ctx, base)
             source = f"arq job {str(job_id)[:100]!r}"
             restored = restore(carrier, binding(function, job_id), signers[0], source=source)
+            restored = _queued_time_out(restored, enqueued)
             ctx[_TOKEN] = enter(with_local(restored, {JOB_ID: job_id}))
         except Exception:
             _log.exception("ctxrelay: could not bind the context of arq job %r", job_id)
@@ -254,6 +350,7 @@ def install_worker(
 
     job_start._ctxrelay = True  # type: ignore[attr-defined]
     job_start._ctxrelay_signer = signers  # type: ignore[attr-defined]
+    _set(settings, "functions", _guard_functions(_get(settings, "functions") or ()))
     _set(settings, "job_deserializer", _reading(base))
     _set(settings, "on_startup", startup)
     _set(settings, "on_job_start", job_start)

@@ -39,18 +39,41 @@ middlewares, in the sender and in the worker::
 * Sync tasks run in taskiq's thread pool with a copy of the task's context
   (taskiq copies it): they see it too.  A process-pool executor
   (``--use-process-pool``) calls them without any context.
+
+Deadlines (``ctxrelay.deadline``, a door's ``timeout=``): a task kicked while
+a deadline is bound
+
+* **runs with the time it has left**: ``pre_send`` (and :func:`carry`) also
+  writes the deadline's wall-clock instant in the label
+  ``ctxrelay-deadline``, and ``pre_execute`` narrows the carried time by
+  it: a task that waited in the queue (or for the scheduler) has that much
+  less.  The label can only narrow a deadline the signed context carried;
+* **is cut at the deadline**: ``pre_execute`` sets taskiq's ``timeout``
+  label of an async task to the time left, never longer than the task's own;
+* **is not run once its deadline passed before it started**: :func:`install`
+  makes the broker's ``find_task`` hand the receiver each task's function
+  wrapped so that, with the task's context bound, it raises
+  :class:`ctxrelay.DeadlineExceeded` instead of running, after a warning
+  with the request id (``ctxrelay: taskiq task '...' id '...' not run: its
+  deadline passed before it started``).  The result is that error, and the
+  retry middlewares are told not to retry it (``retry_on_error``).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
 try:
     from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
+    from taskiq.decor import AsyncTaskiqDecoratedTask
     from taskiq.kicker import AsyncKicker
 except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
@@ -58,7 +81,8 @@ except ImportError as exc:  # without the extra installed (make dist checks it)
     ) from exc
 
 from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
-from .._context import Context, current, enter, leave
+from .._context import Context, current, enter, leave, narrowed, read_current
+from .._deadline import deadline_of, expired, remaining, remaining_ms
 
 __all__ = ["KEY", "TASK_ID", "ContextMiddleware", "Signer", "carry", "install", "uninstall"]
 
@@ -66,6 +90,10 @@ _log = logging.getLogger("ctxrelay")
 
 #: The worker-local field holding the running task's id.
 TASK_ID = "task_id"
+
+#: The label holding the deadline's wall-clock instant (seconds since the
+#: epoch), set next to the carried context when a deadline is bound.
+DEADLINE_LABEL = "ctxrelay-deadline"
 
 # A JSON label longer than this is not parsed (restore() would refuse it anyway).
 _MAX_LABEL = 256 * 1024
@@ -96,6 +124,119 @@ def _carried(label: object) -> object:
         return "<a label that is not JSON>"
 
 
+def _deadline_label() -> str | None:
+    """The current deadline as a wall-clock instant, or None without one."""
+    left = remaining_ms(current())
+    return None if left is None else f"{time.time() + left / 1000:.3f}"
+
+
+def _queued_time_out(ctx: Context, label: object) -> Context:
+    """``ctx`` with its deadline narrowed to the wall-clock instant the label
+    carries: the carried remaining time is re-read at receipt, so without
+    this a task that waited 4 s of its 5 would still get 5 s.  Only a context
+    that carried a deadline (and passed the signature check) is narrowed, and
+    only ever narrowed: the label cannot give a task a deadline or more time."""
+    at = deadline_of(ctx)
+    if at is None or not isinstance(label, (str, int, float)) or isinstance(label, bool):
+        return ctx
+    try:
+        instant = float(label)
+    except ValueError:
+        return ctx
+    if instant != instant:  # NaN
+        return ctx
+    return narrowed(ctx, time.monotonic() + max(0.0, instant - time.time()))
+
+
+def _cut_at_deadline(message: TaskiqMessage, broker: AsyncBroker | None) -> None:
+    """Set an async task's ``timeout`` label to the time left (never longer
+    than its own); a sync task is left alone (taskiq cannot time it out, and
+    warns when asked to)."""
+    left = remaining()
+    if left is None or broker is None:
+        return
+    task = broker.find_task(message.task_name)
+    if task is None or not inspect.iscoroutinefunction(_unguarded(task.original_func)):
+        return
+    own = message.labels.get("timeout")
+    try:
+        mine = left if own is None else min(float(own), left)
+    except (TypeError, ValueError):
+        mine = left
+    message.labels["timeout"] = max(mine, 0.001)
+
+
+def _refuse(task_name: object) -> None:
+    """Raise instead of running when the bound context's deadline passed."""
+    error = expired(read_current())
+    if error is not None:
+        # Bound already: the line carries the request id.
+        _log.warning(
+            "ctxrelay: taskiq task %r id %r not run: its deadline passed before it started",
+            str(task_name)[:100],
+            str(read_current().get(TASK_ID))[:100],
+        )
+        raise error
+
+
+class _SyncGuard:
+    """A sync task's function, refusing to run once its deadline passed.  A
+    class (not a closure) so a process pool can pickle it: by reference to
+    the function, which taskiq makes importable."""
+
+    def __init__(self, fn: Callable[..., Any], task_name: str) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.task_name = task_name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse(self.task_name)
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_SyncGuard, (self.fn, self.task_name))
+
+
+def _unguarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    inner = getattr(fn, "_ctxrelay_unguarded", None)
+    if inner is not None:
+        return inner  # type: ignore[no-any-return]
+    return fn.fn if isinstance(fn, _SyncGuard) else fn
+
+
+def _guard(fn: Callable[..., Any], task_name: str) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            _refuse(task_name)
+            return await fn(*args, **kwargs)
+
+        guarded._ctxrelay_unguarded = fn  # type: ignore[attr-defined]
+        return guarded
+    return _SyncGuard(fn, task_name)
+
+
+class _Guarding:
+    """``broker.find_task`` handing out each task with its function guarded
+    (a copy of the task, made once): the receiver runs what it finds."""
+
+    def __init__(self, find: Callable[[str], Any]) -> None:
+        self.find = find
+        self.guarded: dict[int, tuple[Any, Any]] = {}
+
+    def __call__(self, task_name: str) -> Any:
+        task = self.find(task_name)
+        if not isinstance(task, AsyncTaskiqDecoratedTask):
+            return task
+        known = self.guarded.get(id(task))
+        if known is None or known[0] is not task:
+            twin = copy.copy(task)
+            twin.original_func = _guard(task.original_func, task.task_name)
+            known = self.guarded[id(task)] = (task, twin)
+        return known[1]
+
+
 class ContextMiddleware(TaskiqMiddleware):
     """Carries the context from ``kiq`` to the task; see the module docs.
 
@@ -109,13 +250,19 @@ class ContextMiddleware(TaskiqMiddleware):
     def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         """Write the current context into ``message.labels["ctxrelay"]``."""
         try:
-            if not current():
+            ctx = current()
+            if not ctx and deadline_of(ctx) is None:
                 return message  # nothing to say; a carried one (a schedule's) stays
             carrier = capture(binding(message.task_name, message.task_id), self.signer)
             if carrier:
                 message.labels[KEY] = _label(carrier)
             else:
                 message.labels.pop(KEY, None)
+            instant = _deadline_label()
+            if instant is not None:
+                message.labels[DEADLINE_LABEL] = instant
+            else:
+                message.labels.pop(DEADLINE_LABEL, None)
         except Exception:
             _log.exception("ctxrelay: could not put the context on a taskiq message")
         return message
@@ -125,15 +272,27 @@ class ContextMiddleware(TaskiqMiddleware):
         try:
             task_id = message.task_id
             label = message.labels.pop(KEY, None)  # results store the labels: not this
+            instant = message.labels.pop(DEADLINE_LABEL, None)
             source = f"taskiq task {str(message.task_name)[:100]!r} id {str(task_id)[:100]!r}"
             carrier = None if label is None else _carried(label)
             restored = restore(
                 carrier, binding(message.task_name, task_id), self.signer, source=source
             )
+            restored = _queued_time_out(restored, instant)
             token = enter(with_local(restored, {TASK_ID: task_id}))
             _bound.set((*_bound.get(), (task_id, token)))
         except Exception:
             _log.exception("ctxrelay: could not bind the context of a taskiq task")
+            return message
+        try:
+            if expired(restored) is not None:
+                # The guarded function refuses to run (and says so): a retry
+                # of it could only be refused again.
+                message.labels["retry_on_error"] = "false"
+            else:
+                _cut_at_deadline(message, getattr(self, "broker", None))
+        except Exception:
+            _log.exception("ctxrelay: could not apply the deadline of a taskiq task")
         return message
 
     def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
@@ -154,10 +313,14 @@ class ContextMiddleware(TaskiqMiddleware):
 def install(
     broker: AsyncBroker, *, secret: Signer | Secret | Sequence[Secret] | None = None
 ) -> ContextMiddleware:
-    """Put a :class:`ContextMiddleware` first in ``broker``'s middlewares.
+    """Put a :class:`ContextMiddleware` first in ``broker``'s middlewares,
+    and make ``broker.find_task`` hand out tasks whose functions refuse to
+    run once their deadline passed (see the module docs).
 
     Idempotent: an installed one is kept, with ``secret`` as its new secret.
     """
+    if not isinstance(vars(broker).get("find_task"), _Guarding):
+        broker.find_task = _Guarding(broker.find_task)  # type: ignore[method-assign]
     for existing in broker.middlewares:
         if isinstance(existing, ContextMiddleware):
             existing.signer = as_signer(secret)
@@ -171,6 +334,9 @@ def install(
 def uninstall(broker: AsyncBroker) -> None:
     """Remove every :class:`ContextMiddleware` from ``broker``.  Idempotent."""
     broker.middlewares[:] = [m for m in broker.middlewares if not isinstance(m, ContextMiddleware)]
+    guarding = vars(broker).get("find_task")
+    if isinstance(guarding, _Guarding):
+        broker.find_task = guarding.find  # type: ignore[method-assign,assignment]
 
 
 def carry(kicker: KickerT) -> KickerT:
@@ -193,4 +359,7 @@ def carry(kicker: KickerT) -> KickerT:
     carrier = capture(binding(kicker.task_name, task_id), signer)
     if carrier:
         kicker.with_labels(**{KEY: _label(carrier)})
+    instant = _deadline_label()
+    if instant is not None:
+        kicker.with_labels(**{DEADLINE_LABEL: instant})
     return kicker
