@@ -37,7 +37,7 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from collections.abc import Set as AbstractSet
 from time import monotonic
 from typing import Any, NamedTuple
@@ -71,11 +71,19 @@ __all__ = [
     "PLAIN_NAME_BYTES",
     "PLAIN_RETAINED_BYTES",
     "Door",
+    "DoorOptions",
     "Plan",
+    "RequestIdGenerator",
+    "RequestIdTransformer",
     "RequestIdValidator",
+    "admit_asgi",
+    "admit_wsgi",
+    "aws_trace_id",
+    "Admitted",
     "extract",
     "extract_exactly",
     "fields_from",
+    "log_request",
     "new_request_id",
     "open_asgi",
     "open_wsgi",
@@ -89,6 +97,10 @@ _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 #: Decides whether an inbound request id is kept.
 RequestIdValidator = Callable[[str], bool]
+#: Makes a new request id (``generator=``).
+RequestIdGenerator = Callable[[], str]
+#: Rewrites an inbound or generated id before it is bound (``transformer=``).
+RequestIdTransformer = Callable[[str], str]
 
 # Not only UUIDs: proxies and peers bring their own formats (AWS ALB's
 # "Root=1-...", Heroku's, Envoy's).  The alphabet keeps ids safe in a log
@@ -205,36 +217,204 @@ def _shown(value: str) -> str:
     return repr(value[:64] + ("..." if len(value) > 64 else ""))
 
 
+def aws_trace_id(value: str) -> str:
+    """A ready ``transformer=``: the id an AWS ``X-Amzn-Trace-Id`` header carries.
+
+    ``Self=`` when present (the load balancer's own segment), else ``Root=``
+    (``Root=1-67891233-abcdef012345678912345678;Sampled=1`` gives
+    ``1-67891233-abcdef012345678912345678``); a value holding neither is
+    returned as it is, so a generated id passes through.  Use it with
+    ``header_name="x-amzn-trace-id"`` (or a sequence holding it).
+    """
+    root = None
+    for part in value.split(";"):
+        key, sep, item = part.strip().partition("=")
+        if not sep:
+            continue
+        key = key.strip().lower()
+        if key == "self":
+            return item.strip()
+        if key == "root" and root is None:
+            root = item.strip()
+    return value if root is None else root
+
+
+class DoorOptions:
+    """The door's options beyond the request-id rule, checked once.
+
+    ``Door.options`` is ``None`` while every one of them is at its default,
+    so the door's hot path pays nothing for them; the web integrations take
+    their options path only when it is set.
+    """
+
+    __slots__ = (
+        "exact_paths",
+        "expose_header",
+        "generator",
+        "log_requests",
+        "names",
+        "path_patterns",
+        "reject_invalid",
+        "response_header",
+        "transformer",
+        "update_request_header",
+    )
+
+    def __init__(
+        self,
+        names: tuple[str, ...],
+        generator: RequestIdGenerator | None,
+        transformer: RequestIdTransformer | None,
+        response_header: str | None,
+        update_request_header: bool,
+        expose_header: bool,
+        exclude_paths: Iterable[str | re.Pattern[str]],
+        reject_invalid: bool,
+        log_requests: bool,
+    ) -> None:
+        if generator is not None and not callable(generator):
+            raise TypeError("generator must be a callable returning a new request id")
+        if transformer is not None and not callable(transformer):
+            raise TypeError("transformer must be a callable taking and returning a str")
+        if response_header is not None:
+            response_header = _header_name(response_header, "response_header")
+        for flag, value in (
+            ("update_request_header", update_request_header),
+            ("expose_header", expose_header),
+            ("reject_invalid", reject_invalid),
+            ("log_requests", log_requests),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False")
+        if isinstance(exclude_paths, (str, re.Pattern)):
+            exclude_paths = (exclude_paths,)  # one path, not its characters
+        exact: set[str] = set()
+        patterns: list[re.Pattern[str]] = []
+        for path in exclude_paths:
+            if isinstance(path, str):
+                exact.add(path)
+            elif isinstance(path, re.Pattern) and isinstance(path.pattern, str):
+                patterns.append(path)
+            else:
+                raise TypeError(
+                    "exclude_paths holds exact paths (str) or compiled regular expressions "
+                    f"(re.compile), not {type(path).__name__}"
+                )
+        self.names = names
+        self.generator = generator
+        self.transformer = transformer
+        self.response_header = response_header
+        self.update_request_header = update_request_header
+        self.expose_header = expose_header
+        self.exact_paths = frozenset(exact)
+        self.path_patterns = tuple(patterns)
+        self.reject_invalid = reject_invalid
+        self.log_requests = log_requests
+
+    def excluded(self, path: object) -> bool:
+        """Whether requests to ``path`` get no id, no echo and no log line."""
+        if not isinstance(path, str):
+            return False
+        if path in self.exact_paths:
+            return True
+        return any(pattern.fullmatch(path) for pattern in self.path_patterns)
+
+
+def _header_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{what} must be a non-empty str")
+    if not _HEADER_TOKEN.match(name):
+        # Checked here, once: a bad name would otherwise fail every request.
+        raise ValueError(f"{what} {name!r} is not an HTTP header name")
+    return name.lower()
+
+
 class Door:
     """The request-id rule and the snapshot-to-``Context`` step, configured once.
 
     ``header_name``
         The request-id header; ``None`` follows the active policy's
         ``request_id_header`` (``x-request-id``), read per request so that
-        ``ctxrelay.configure()`` after start-up still takes effect.
+        ``ctxrelay.configure()`` after start-up still takes effect.  A
+        sequence of names: the first one present with a valid value wins;
+        the echo uses the first name.
     ``validator``
         Decides whether an inbound id is kept; the default accepts 1-128
         characters of ``A-Z a-z 0-9 . _ : -``.  Whatever it accepts must still
         be a valid context field (no control character, at most 4096 bytes).
+
+    The other keywords are the web doors' options (:class:`DoorOptions`):
+    ``generator``, ``transformer``, ``response_header``,
+    ``update_request_header``, ``expose_header``, ``exclude_paths``,
+    ``reject_invalid`` and ``log_requests``; docs/web.md describes them.
     """
 
-    __slots__ = ("_custom", "_fixed", "current_plan", "validator")
+    __slots__ = (
+        "_custom",
+        "_fixed",
+        "current_plan",
+        "options",
+        "update_request_header",
+        "validator",
+    )
 
     def __init__(
-        self, header_name: str | None = None, validator: RequestIdValidator | None = None
+        self,
+        header_name: str | Sequence[str] | None = None,
+        validator: RequestIdValidator | None = None,
+        *,
+        generator: RequestIdGenerator | None = None,
+        transformer: RequestIdTransformer | None = None,
+        response_header: str | None = None,
+        update_request_header: bool = True,
+        expose_header: bool = False,
+        exclude_paths: Iterable[str | re.Pattern[str]] = (),
+        reject_invalid: bool = False,
+        log_requests: bool = False,
     ) -> None:
-        if header_name is not None and (not isinstance(header_name, str) or not header_name):
-            raise TypeError("header_name must be a non-empty str (or None for the policy's)")
-        if header_name is not None and not _HEADER_TOKEN.match(header_name):
-            # Checked here, once: a bad name would otherwise fail every request.
-            raise ValueError(f"header_name {header_name!r} is not an HTTP header name")
+        names: tuple[str, ...] = ()
+        if header_name is not None and not isinstance(header_name, str):
+            if not isinstance(header_name, Sequence) or not header_name:
+                raise TypeError(
+                    "header_name must be a non-empty str, a non-empty sequence of them, "
+                    "or None for the policy's"
+                )
+            names = tuple(_header_name(n, "header_name") for n in header_name)
+            header_name = names[0]
+        elif header_name is not None:
+            header_name = _header_name(header_name, "header_name")
         if validator is not None and not callable(validator):
             raise TypeError("validator must be a callable taking the inbound id")
-        self._fixed = header_name.lower() if header_name else None
+        self._fixed = header_name or None
         #: The last plan built; callers on a hot path check its ``policy``
         #: against the active one themselves, else call :meth:`plan`.
         self.current_plan = Plan.build(active(), self._fixed)
         self.validator = validator or valid_request_id
+        self.update_request_header = update_request_header
+        options = DoorOptions(
+            names or ((header_name,) if header_name else ()),
+            generator,
+            transformer,
+            response_header,
+            update_request_header,
+            expose_header,
+            exclude_paths,
+            reject_invalid,
+            log_requests,
+        )
+        plain = (
+            len(names) <= 1
+            and generator is None
+            and transformer is None
+            and response_header is None
+            and not expose_header
+            and not options.exact_paths
+            and not options.path_patterns
+            and not reject_invalid
+            and not log_requests
+        )
+        #: ``None`` while every option is at its default: the hot path.
+        self.options: DoorOptions | None = None if plain else options
         self._custom = validator is not None
 
     def plan(self) -> Plan:
@@ -248,7 +428,23 @@ class Door:
 
     @property
     def header_name(self) -> str:
-        """The lowercase request-id header name in force now."""
+        """The lowercase request-id header name in force now (the first one)."""
+        return self.plan().name
+
+    @property
+    def header_names(self) -> tuple[str, ...]:
+        """Every request-id header read, in order of preference."""
+        options = self.options
+        if options is not None and options.names:
+            return options.names
+        return (self.plan().name,)
+
+    @property
+    def response_header(self) -> str:
+        """The name the id is echoed under."""
+        options = self.options
+        if options is not None and options.response_header:
+            return options.response_header
         return self.plan().name
 
     def open(self, snapshot: RequestSnapshot, raw_id: str | None, peer: str | None) -> Context:
@@ -267,11 +463,14 @@ class Door:
         deadline: float | None,
         raw_id: str | None,
         snapshot: RequestSnapshot,
+        source: MutableMapping[str, Any] | None = None,
     ) -> Context:
         if raw_id is not None and not self._custom and _accepted(raw_id) is not None:
             fields[REQUEST_ID] = raw_id  # request_id()'s common case, inlined
         else:
-            fields[REQUEST_ID] = self.request_id(raw_id)
+            fields[REQUEST_ID] = rid = self.request_id(raw_id, snapshot)
+            if source is not None and self.update_request_header and rid != raw_id:
+                snapshot = _carry(source, self.plan(), rid, snapshot, raw_id is not None)
         ctx = make_context(fields, snapshot)
         if deadline is not None:
             ctx = narrowed(ctx, deadline)
@@ -283,19 +482,67 @@ class Door:
             {REQUEST_ID: self.request_id(raw_id if isinstance(raw_id, str) else None)}, None
         )
 
-    def request_id(self, raw: str | None) -> str:
-        """The inbound id when it is valid, else a new one (debug-logged)."""
+    def request_id(self, raw: str | None, peer: str | RequestSnapshot | None = None) -> str:
+        """The inbound id when it is valid, else a new one (a replaced one is
+        logged at warning, rate-limited, naming ``peer``, or the snapshot's
+        client)."""
         if raw is not None and self._accepts(raw):
             return raw
-        generated = new_request_id()
+        generated = self.new_id()
         if raw is not None:
-            _log.debug(
-                "ctxrelay: replaced an invalid inbound %s %s with %s",
-                self.header_name,
-                _shown(raw),
-                generated,
-            )
+            _replaced(self.header_name, raw, generated, peer)
         return generated
+
+    def new_id(self) -> str:
+        """A new request id: the ``generator``'s (validated, then transformed)
+        when one is configured, else :func:`new_request_id`."""
+        options = self.options
+        if options is None or (options.generator is None and options.transformer is None):
+            return new_request_id()
+        made: object = None
+        try:
+            made = options.generator() if options.generator is not None else new_request_id()
+            if not isinstance(made, str):
+                raise TypeError(f"it returned {type(made).__name__}, not str")
+            made = self._transformed(made)
+            if made is not None and self._accepts(made):
+                return made
+            raise ValueError("its id is not valid")
+        except Exception as exc:  # a generator's bug must not fail the request
+            _log.warning(
+                "ctxrelay: the request id generator failed (%s); using a random id instead", exc
+            )
+            return new_request_id()
+
+    def _transformed(self, value: str) -> str | None:
+        options = self.options
+        if options is None or options.transformer is None:
+            return value
+        try:
+            result = options.transformer(value)
+        except Exception as exc:  # a transformer's bug: the id is refused
+            _log.debug("ctxrelay: request id transformer failed: %s", exc)
+            return None
+        return result if isinstance(result, str) else None
+
+    def choose(self, raws: Sequence[str | None], peer: str | None) -> tuple[str, bool]:
+        """The id in force for the inbound values of :attr:`header_names`
+        (``raws``, in the same order), and whether an inbound one was
+        refused (``reject_invalid`` answers 400 then).  The first present
+        valid one wins (after the transformer); else a new one."""
+        refused: str | None = None
+        for raw in raws:
+            if raw is None:
+                continue
+            value = self._transformed(raw)
+            if value is not None and self._accepts(value):
+                return value, False
+            if refused is None:
+                refused = raw
+        generated = self.new_id()
+        if refused is not None:
+            _replaced(self.header_names[0], refused, generated, peer)
+        return generated, refused is not None
 
     def _accepts(self, raw: str) -> bool:
         if not self._custom:
@@ -308,6 +555,179 @@ class Door:
             _log.debug("ctxrelay: inbound request id refused: %s", exc)
             return False
         return True
+
+
+_replacements = itertools.count()
+
+
+def _replaced(name: str, raw: str, generated: str, peer: str | RequestSnapshot | None) -> None:
+    # A WARNING, so a broken upstream is found; rate-limited (the value comes
+    # from outside: a flood must not flood the log).  Debug past the limit.
+    if isinstance(peer, RequestSnapshot):
+        peer = peer.client  # formatted here only: the replaced path
+    count = next(_replacements)
+    level = logging.WARNING if count < 10 or count % 1000 == 0 else logging.DEBUG
+    _log.log(
+        level,
+        "ctxrelay: replaced an invalid inbound %s %s from peer %s with %s (%d so far)",
+        name,
+        _shown(raw),
+        peer or "unknown",
+        generated,
+        count + 1,
+    )
+
+
+def _carry(
+    source: MutableMapping[str, Any],
+    plan: Plan,
+    rid: str,
+    snapshot: RequestSnapshot,
+    drop: bool = True,
+) -> RequestSnapshot:
+    """``update_request_header``: the request's own headers (the ASGI scope or
+    the WSGI environ ``source``) carry the id in force under the first
+    request-id header name, and so does the snapshot, taken again."""
+    try:
+        if "headers" in source and "type" in source:  # an ASGI scope
+            name = plan.name_bytes
+            if name is None:
+                return snapshot
+            headers = source.get("headers") or ()
+            if not isinstance(headers, (list, tuple)):
+                return snapshot  # an iterator: rewriting it would lose what it holds
+            line = (name, rid.encode("latin-1"))
+            if not drop:  # no id header came: nothing to drop
+                kept = [*headers, line]
+            else:
+                kept = [
+                    pair
+                    for pair in headers
+                    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and pair[0] == name)
+                ]
+                kept.append(line)
+            source["headers"] = kept
+            return RequestSnapshot.from_asgi(source)
+        source[plan.environ_key] = rid
+        return RequestSnapshot.from_wsgi(source)
+    except Exception:  # a scope we cannot write: the context still carries the id
+        _log.debug("ctxrelay: could not write the request id into the request", exc_info=True)
+        return snapshot
+
+
+class Admitted(NamedTuple):
+    """What the door's options path decided for one request."""
+
+    #: The context to bind; ``None`` when the path is excluded or the
+    #: request is rejected.
+    ctx: Context | None
+    #: ``reject_invalid`` and the inbound id was invalid: answer 400.
+    rejected: bool
+
+
+_EXCLUDED = Admitted(None, False)
+_REJECTED = Admitted(None, True)
+
+
+def admit_asgi(door: Door, scope: MutableMapping[str, Any]) -> Admitted:
+    """The door with its options (``door.options`` set) for an ASGI scope;
+    never raises."""
+    options = door.options
+    assert options is not None  # the caller checked
+    if options.excluded(scope.get("path")):
+        return _EXCLUDED
+    try:
+        plan = door.plan()
+        snapshot, _, entries = snapshot_from_asgi(scope)
+        raws = [header_from_asgi(entries, n.encode("latin-1")) for n in door.header_names]
+        peer = _asgi_peer(scope)
+        return _admit(door, plan, raws, scope, snapshot, peer, *_extracted(snapshot, peer))
+    except Exception:
+        _log.warning("ctxrelay: could not snapshot an ASGI request", exc_info=True)
+        return Admitted(door.fallback(None), False)
+
+
+def admit_wsgi(door: Door, environ: MutableMapping[str, Any]) -> Admitted:
+    """The door with its options (``door.options`` set) for a WSGI environ;
+    never raises."""
+    options = door.options
+    assert options is not None  # the caller checked
+    if options.excluded(environ.get("PATH_INFO")):
+        return _EXCLUDED
+    try:
+        plan = door.plan()
+        raws = []
+        for name in door.header_names:
+            value = environ.get("HTTP_" + name.upper().replace("-", "_"))
+            raws.append(value if isinstance(value, str) else None)
+        snapshot = RequestSnapshot.from_wsgi(environ)
+        peer = format_peer(environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"))
+        return _admit(door, plan, raws, environ, snapshot, peer, *_extracted(snapshot, peer))
+    except Exception:
+        _log.warning("ctxrelay: could not snapshot a WSGI request", exc_info=True)
+        return Admitted(door.fallback(None), False)
+
+
+def _admit(
+    door: Door,
+    plan: Plan,
+    raws: list[str | None],
+    source: MutableMapping[str, Any],
+    snapshot: RequestSnapshot,
+    peer: str | None,
+    fields: dict[str, str],
+    deadline: float | None,
+) -> Admitted:
+    options = door.options
+    assert options is not None
+    rid, refused = door.choose(raws, peer)
+    if refused and options.reject_invalid:
+        return _REJECTED
+    if options.update_request_header and rid != raws[0]:
+        snapshot = _carry(source, plan, rid, snapshot, raws[0] is not None)
+    fields[REQUEST_ID] = rid
+    ctx = make_context(fields, snapshot)
+    if deadline is not None:
+        ctx = narrowed(ctx, deadline)
+    return Admitted(ctx, False)
+
+
+#: The context fields ``log_requests`` writes as the user, first bound wins.
+USER_FIELDS = ("user_id", "user")
+
+
+def log_request(
+    logger: logging.Logger, method: object, path: object, status: object, started: float
+) -> None:
+    """``log_requests``: one INFO line for a request that just ended, written
+    while its context is still bound (the line carries its request id).
+    Method, path and user are escaped (``_escape.log_text``): they come from
+    the request."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    from ._context import current
+    from ._escape import log_text
+
+    elapsed_ms = (monotonic() - started) * 1000.0
+    ctx = current()
+    user = next((ctx[f] for f in USER_FIELDS if f in ctx), None)
+    if user is None:
+        logger.info(
+            "%s %s %s %.1fms",
+            log_text(str(method)),
+            log_text(str(path)),
+            status,
+            elapsed_ms,
+        )
+    else:
+        logger.info(
+            "%s %s %s %.1fms user=%s",
+            log_text(str(method)),
+            log_text(str(path)),
+            status,
+            elapsed_ms,
+            log_text(user),
+        )
 
 
 def _extracted(snapshot: RequestSnapshot, peer: str | None) -> tuple[dict[str, str], float | None]:
@@ -341,19 +761,24 @@ def header_from_asgi(entries: Iterable[object], name: bytes) -> str | None:
     return None
 
 
-def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) -> Context:
+def open_asgi(
+    door: Door, scope: Mapping[str, Any], plan: Plan | None = None, carry: bool = False
+) -> Context:
     """The context for an ASGI ``http``/``websocket`` scope; never raises.
 
-    ``plan`` is ``door.plan()`` when the caller already has it.
+    ``plan`` is ``door.plan()`` when the caller already has it.  ``carry``:
+    when the id was generated or replaced, write it into the scope's headers
+    and the snapshot (``update_request_header``; the scope must be mutable).
     """
     raw_id: str | None = None
+    source: Any = scope if carry else None
     try:
         if plan is None:
             plan = door.plan()
         snapshot, raw, entries = snapshot_from_asgi(scope)
         name = plan.name_bytes
         if raw is None or name is None:
-            return _open_asgi_carefully(door, plan, scope, snapshot, entries)
+            return _open_asgi_carefully(door, plan, scope, snapshot, entries, source)
         # One pass over the raw pairs, names compared as bytes; a name seen
         # before costs one set lookup.  This loop is the door's hot path.
         plain, extracted = plan.plain, plan.extracted
@@ -373,16 +798,16 @@ def open_asgi(door: Door, scope: Mapping[str, Any], plan: Plan | None = None) ->
                     hits = hits or []
                     hits.append((key, item))
                 elif not plan.learn(key):
-                    return _open_asgi_carefully(door, plan, scope, snapshot, entries)
+                    return _open_asgi_carefully(door, plan, scope, snapshot, entries, source)
         except (TypeError, ValueError):  # an entry that is not a pair, an unhashable name
-            return _open_asgi_carefully(door, plan, scope, snapshot, entries)
+            return _open_asgi_carefully(door, plan, scope, snapshot, entries, source)
         if value is not None:
             if type(value) is not bytes:
-                return _open_asgi_carefully(door, plan, scope, snapshot, entries)
+                return _open_asgi_carefully(door, plan, scope, snapshot, entries, source)
             raw_id = value.decode("latin-1")
         if hits is None:
-            return door._bind({}, None, raw_id, snapshot)
-        return door._bind(*_extract_raw(plan, raw, hits, scope, snapshot), raw_id, snapshot)
+            return door._bind({}, None, raw_id, snapshot, source)
+        return door._bind(*_extract_raw(plan, raw, hits, scope, snapshot), raw_id, snapshot, source)
     except Exception:
         _log.warning("ctxrelay: could not snapshot an ASGI request", exc_info=True)
         return door.fallback(raw_id)
@@ -436,12 +861,14 @@ def _open_asgi_carefully(
     scope: Mapping[str, Any],
     snapshot: RequestSnapshot,
     entries: tuple[Any, ...],
+    source: MutableMapping[str, Any] | None = None,
 ) -> Context:
     # Headers that are not a clean ASGI list: read them as they come -- from
     # the snapshot's bounded copy, not the scope (an iterator there is spent,
     # or endless).
     raw_id = header_from_asgi(entries, plan.name.encode("latin-1"))
-    return door.open(snapshot, raw_id, _asgi_peer(scope))
+    peer = _asgi_peer(scope)
+    return door._bind(*_extracted(snapshot, peer), raw_id, snapshot, source)
 
 
 def _asgi_peer(scope: Mapping[str, Any]) -> str | None:
@@ -449,9 +876,11 @@ def _asgi_peer(scope: Mapping[str, Any]) -> str | None:
     return format_peer(client[0], client[1])
 
 
-def open_wsgi(door: Door, environ: Mapping[str, Any]) -> Context:
-    """The context for a WSGI environ; never raises."""
+def open_wsgi(door: Door, environ: Mapping[str, Any], carry: bool = False) -> Context:
+    """The context for a WSGI environ; never raises.  ``carry``: as for
+    :func:`open_asgi`, into the environ (which must be mutable)."""
     raw_id: str | None = None
+    source: Any = environ if carry else None
     try:
         plan = door.plan()
         value = environ.get(plan.environ_key)
@@ -461,9 +890,9 @@ def open_wsgi(door: Door, environ: Mapping[str, Any]) -> Context:
         if plan.extracted_environ.isdisjoint(keys) and not _ODD_ENVIRON_KEYS.search(
             "\0".join(keys)
         ):
-            return door._bind({}, None, raw_id, snapshot)
+            return door._bind({}, None, raw_id, snapshot, source)
         peer = format_peer(environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"))
-        return door._bind(*_extracted(snapshot, peer), raw_id, snapshot)
+        return door._bind(*_extracted(snapshot, peer), raw_id, snapshot, source)
     except Exception:
         _log.warning("ctxrelay: could not snapshot a WSGI request", exc_info=True)
         return door.fallback(raw_id)

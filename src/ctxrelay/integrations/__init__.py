@@ -2,3 +2,7 @@
 
 Importing ``ctxrelay`` never imports any of them.
 """
+
+from .._inbound import aws_trace_id
+
+__all__ = ["aws_trace_id"]

@@ -28,14 +28,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+import re
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from time import monotonic
 from typing import Any
 
 from .. import _policy
 from .._context import REQUEST_ID, Cancellation, Context, begin, finish
 from .._deadline import check_timeout, deadline_of, for_request
-from .._inbound import Door, RequestIdValidator, open_asgi, valid_request_id
+from .._inbound import (
+    Door,
+    RequestIdGenerator,
+    RequestIdTransformer,
+    RequestIdValidator,
+    admit_asgi,
+    log_request,
+    open_asgi,
+    valid_request_id,
+)
 
 __all__ = ["RelayMiddleware", "valid_request_id"]
 
@@ -76,6 +86,40 @@ class RelayMiddleware:
         too (``ctxrelay.cancelled()``/``checkpoint()``; pool tasks not yet
         started fail with ``RequestCancelled``).
 
+    The door's options (same names on the WSGI middleware and in Django's
+    ``CTXRELAY``; docs/web.md, "Door options"):
+
+    ``header_name``
+        Also a sequence of names: the first one present with a valid value
+        wins; the echo uses the first name.
+    ``generator``
+        ``callable() -> str`` making new ids (validated like an inbound id;
+        a failing or invalid one falls back to a random id, logged).
+    ``transformer``
+        ``callable(str) -> str`` applied to the inbound or generated id
+        before it is validated, bound and echoed
+        (:func:`ctxrelay.integrations.aws_trace_id` reads AWS's header).
+    ``response_header``
+        Echo under this name instead of the (first) inbound one.
+    ``update_request_header``
+        Default on: when the id was generated or replaced, the scope's
+        headers and the snapshot carry the id in force.
+    ``expose_header``
+        Add the echoed name to ``Access-Control-Expose-Headers``.
+    ``exclude_paths``
+        Exact paths (``str``) or compiled regular expressions (matched
+        whole): such requests run without an id, an echo or a log line.
+    ``reject_invalid``
+        Answer an invalid inbound id with 400; the app is not called.
+    ``log_requests``
+        One INFO line per request on ``ctxrelay.asgi``, written while the
+        context is bound: method, escaped path, status, duration in
+        milliseconds, and ``user=`` when a ``user_id`` or ``user`` field is
+        bound.
+
+    A replaced inbound id is logged at WARNING on ``ctxrelay`` (rate-limited,
+    naming the peer).
+
     ``lifespan`` and other scope types pass through untouched.
     """
 
@@ -85,11 +129,19 @@ class RelayMiddleware:
         self,
         app: ASGIApp,
         *,
-        header_name: str | None = None,
+        header_name: str | Sequence[str] | None = None,
         validator: RequestIdValidator | None = None,
         echo: bool = True,
         log_errors: bool = True,
         timeout: float | None = None,
+        generator: RequestIdGenerator | None = None,
+        transformer: RequestIdTransformer | None = None,
+        response_header: str | None = None,
+        update_request_header: bool = True,
+        expose_header: bool = False,
+        exclude_paths: Iterable[str | re.Pattern[str]] = (),
+        reject_invalid: bool = False,
+        log_requests: bool = False,
     ) -> None:
         if not callable(app):
             # Checked here: otherwise the first request fails with Python's own TypeError.
@@ -98,7 +150,18 @@ class RelayMiddleware:
                 f"not {type(app).__name__}"
             )
         self.app = app
-        self._door = Door(header_name, validator)
+        self._door = Door(
+            header_name,
+            validator,
+            generator=generator,
+            transformer=transformer,
+            response_header=response_header,
+            update_request_header=update_request_header,
+            expose_header=expose_header,
+            exclude_paths=exclude_paths,
+            reject_invalid=reject_invalid,
+            log_requests=log_requests,
+        )
         self.echo = echo
         self.log_errors = log_errors
         self.timeout = check_timeout(timeout)
@@ -109,10 +172,13 @@ class RelayMiddleware:
             await self.app(scope, receive, send)  # lifespan: untouched
             return
         door = self._door
+        if door.options is not None:
+            await _with_options(self, scope, receive, send)
+            return
         plan = door.current_plan
         if plan.policy is not _policy.STATE.policy:  # Door.plan(), inlined: runs per request
             plan = door.plan()
-        ctx = open_asgi(door, scope, plan)
+        ctx = open_asgi(door, scope, plan, door.update_request_header)
         if self.echo and plan.name_bytes is not None:
             send = _echoing(send, (plan.name_bytes, ctx._fields[REQUEST_ID].encode("latin-1")))
         if self.timeout is not None or deadline_of(ctx) is not None:
@@ -129,8 +195,128 @@ class RelayMiddleware:
             finish(token, ctx)
 
 
+async def _with_options(door: RelayMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
+    """The request when some door option is set (the plain path above pays
+    nothing for them)."""
+    options = door._door.options
+    assert options is not None  # checked by the caller
+    admitted = admit_asgi(door._door, scope)
+    ctx = admitted.ctx
+    if ctx is None:
+        if admitted.rejected:
+            await _answer_400(send, scope)
+        else:
+            await door.app(scope, receive, send)  # an excluded path: untouched
+        return
+    if door.echo:
+        name = door._door.response_header.encode("latin-1")
+        send = _echoing(send, (name, ctx._fields[REQUEST_ID].encode("latin-1")))
+        if options.expose_header:
+            send = _exposing(send, name)
+    status: list[int] = []
+    if options.log_requests:
+        send = _recording(send, status)
+    started = monotonic()
+    if door.timeout is not None or deadline_of(ctx) is not None:
+        await _bounded(
+            door, scope, receive, send, ctx, status if options.log_requests else None, started
+        )
+        return
+    token = begin(ctx)
+    try:
+        await door.app(scope, receive, send)
+    except Exception:
+        if door.log_errors:
+            _log_error(scope)
+        if not status:
+            status.append(500)
+        raise
+    finally:
+        if options.log_requests:
+            _log_request(scope, status, started)
+        finish(token, ctx)
+
+
+def _log_request(scope: Scope, status: list[int], started: float) -> None:
+    log_request(
+        _errors,
+        scope.get("method", "WEBSOCKET"),
+        scope.get("path", "?"),
+        status[0] if status else "-",
+        started,
+    )
+
+
+async def _answer_400(send: Send, scope: Scope) -> None:
+    if scope.get("type") == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = b"invalid request id\n"
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode("ascii")),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _recording(send: Send, status: list[int]) -> Send:
+    def send_recording(message: Message) -> Awaitable[None]:
+        kind = message.get("type")
+        if kind == "http.response.start" and not status:
+            status.append(message.get("status", 0))
+        elif kind == "websocket.accept" and not status:
+            status.append(101)
+        return send(message)
+
+    return send_recording
+
+
+def _exposing(send: Send, name: bytes) -> Send:
+    def send_exposing(message: Message) -> Awaitable[None]:
+        kind = message.get("type")
+        if kind == "http.response.start":
+            message = _with_exposed(message, name)
+        return send(message)
+
+    return send_exposing
+
+
+_EXPOSE = b"access-control-expose-headers"
+
+
+def _with_exposed(message: Message, name: bytes) -> Message:
+    headers = list(message.get("headers") or ())
+    for index, pair in enumerate(headers):
+        try:
+            key, value = pair
+        except (TypeError, ValueError):
+            continue
+        if isinstance(key, (bytes, bytearray)) and bytes(key).lower() == _EXPOSE:
+            if not isinstance(value, (bytes, bytearray)):
+                return message
+            listed = [part.strip().lower() for part in bytes(value).split(b",")]
+            if name in listed or b"*" in listed:
+                return message
+            headers[index] = (key, bytes(value) + b", " + name)
+            return {**message, "headers": headers}
+    headers.append((_EXPOSE, name))
+    return {**message, "headers": headers}
+
+
 async def _bounded(
-    door: RelayMiddleware, scope: Scope, receive: Receive, send: Send, ctx: Context
+    door: RelayMiddleware,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    ctx: Context,
+    status: list[int] | None = None,
+    started: float = 0.0,
 ) -> None:
     """The request under a deadline (``timeout=``, or one a trusted caller
     sent): when it passes, the handler is cancelled -- answered 504 with the
@@ -168,6 +354,8 @@ async def _bounded(
     except Exception:
         if door.log_errors:
             _log_error(scope)
+        if status is not None and not status:
+            status.append(500)
         raise
     finally:
         if handle is not None:
@@ -175,6 +363,10 @@ async def _bounded(
         if watch is not None:
             watch.cancel()
         exchange.close()
+        if status is not None:  # log_requests
+            if fired and not status:
+                status.append(504)
+            _log_request(scope, status, started)
         finish(token, ctx)
 
 

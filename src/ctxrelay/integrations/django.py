@@ -13,6 +13,8 @@ request's context bound::
         "validator": "myproject.ids.accept",  # a callable or its dotted path
         "echo": True,                         # send the id back on the response
         "timeout": 4.0,                       # a default deadline per request, seconds
+        "generator": "myproject.ids.new_id",  # and the other door options: docs/web.md
+        "log_requests": True,
     }
 
 The middleware is both sync and async capable, so Django never adapts it
@@ -28,13 +30,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from time import monotonic
 from typing import Any
 
 try:
     from asgiref.sync import iscoroutinefunction, markcoroutinefunction
     from django.conf import settings  # type: ignore[import-untyped]
     from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
-    from django.http import FileResponse  # type: ignore[import-untyped]
+    from django.http import FileResponse, HttpResponseBadRequest  # type: ignore[import-untyped]
     from django.utils.module_loading import import_string  # type: ignore[import-untyped]
 except ImportError as exc:  # without the extra installed (make dist checks it)
     raise ImportError(
@@ -43,14 +46,40 @@ except ImportError as exc:  # without the extra installed (make dist checks it)
 
 from .._context import REQUEST_ID, Context, begin, enter, finish, leave
 from .._deadline import check_timeout, deadline_of, for_request, log_if_late
-from .._inbound import Door, open_asgi, open_wsgi
+from .._inbound import Door, admit_asgi, admit_wsgi, log_request, open_asgi, open_wsgi
 
 __all__ = ["RelayMiddleware", "door_from_settings", "timeout_from_settings"]
 
 #: Where a request that ended after its deadline is logged.
 _late = logging.getLogger("ctxrelay.django")
 
-_KEYS = frozenset({"header_name", "validator", "echo", "timeout"})
+_KEYS = frozenset(
+    {
+        "header_name",
+        "validator",
+        "echo",
+        "timeout",
+        "generator",
+        "transformer",
+        "response_header",
+        "update_request_header",
+        "expose_header",
+        "exclude_paths",
+        "reject_invalid",
+        "log_requests",
+    }
+)
+#: Keys whose value may be a callable's dotted path.
+_CALLABLES = ("validator", "generator", "transformer")
+#: The door's keyword options, passed to ``Door`` as they are.
+_OPTIONS = (
+    "response_header",
+    "update_request_header",
+    "expose_header",
+    "exclude_paths",
+    "reject_invalid",
+    "log_requests",
+)
 
 
 def door_from_settings() -> tuple[Door, bool]:
@@ -68,15 +97,29 @@ def door_from_settings() -> tuple[Door, bool]:
         raise ImproperlyConfigured(
             f"settings.CTXRELAY: unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}"
         )
-    validator = config.get("validator")
-    if isinstance(validator, str):
-        validator = import_string(validator)
+    found: dict[str, Any] = {}
+    for key in _CALLABLES:
+        value = config.get(key)
+        if isinstance(value, str):
+            try:
+                value = import_string(value)
+            except ImportError as exc:
+                raise ImproperlyConfigured(
+                    f"settings.CTXRELAY[{key!r}]: cannot import {value!r}: {exc}"
+                ) from exc
+        found[key] = value
     echo = config.get("echo", True)
     if not isinstance(echo, bool):
         raise ImproperlyConfigured("settings.CTXRELAY['echo'] must be True or False")
     try:
-        door = Door(config.get("header_name"), validator)
-    except TypeError as exc:
+        door = Door(
+            config.get("header_name"),
+            found["validator"],
+            generator=found["generator"],
+            transformer=found["transformer"],
+            **{key: config[key] for key in _OPTIONS if key in config},
+        )
+    except (TypeError, ValueError) as exc:
         raise ImproperlyConfigured(f"settings.CTXRELAY: {exc}") from exc
     return door, echo
 
@@ -112,6 +155,8 @@ class RelayMiddleware:
     def __call__(self, request: Any) -> Any:
         if self._async:
             return self._acall(request)
+        if self._door.options is not None:
+            return self._with_options(request)
         ctx = self._open(request)
         token = begin(ctx)
         try:
@@ -122,6 +167,8 @@ class RelayMiddleware:
         return self._finish(response, ctx)
 
     async def _acall(self, request: Any) -> Any:
+        if self._door.options is not None:
+            return await self._awith_options(request)
         ctx = self._open(request)
         token = begin(ctx)
         try:
@@ -130,6 +177,70 @@ class RelayMiddleware:
             self._log_if_late(request, ctx)
             finish(token, ctx)
         return self._finish(response, ctx)
+
+    # -- the door's options (the plain paths above pay nothing for them) -----
+    def _admit(self, request: Any) -> Context | Any | None:
+        """The context, ``None`` for an excluded path, or a 400 response."""
+        scope = getattr(request, "scope", None)
+        if isinstance(scope, dict):
+            admitted = admit_asgi(self._door, scope)
+        else:
+            admitted = admit_wsgi(self._door, request.META)
+        if admitted.rejected:
+            return HttpResponseBadRequest(b"invalid request id\n", content_type="text/plain")
+        ctx = admitted.ctx
+        if ctx is None:
+            return None
+        if isinstance(scope, dict) and self._door.update_request_header:
+            # An ASGIRequest built META before the door ran: write it there too.
+            key = "HTTP_" + self._door.header_names[0].upper().replace("-", "_")
+            if request.META.get(key) != ctx[REQUEST_ID]:
+                request.META[key] = ctx[REQUEST_ID]
+        if self._timeout is not None or deadline_of(ctx) is not None:
+            ctx = for_request(ctx, self._timeout)[0]
+        return ctx
+
+    def _with_options(self, request: Any) -> Any:
+        ctx = self._admit(request)
+        if not isinstance(ctx, Context):
+            return self.get_response(request) if ctx is None else ctx
+        started = monotonic()
+        token = begin(ctx)
+        response = None
+        try:
+            response = self.get_response(request)
+        finally:
+            self._log_if_late(request, ctx)
+            self._log_request(request, response, started)
+            finish(token, ctx)
+        return self._finish(response, ctx)
+
+    async def _awith_options(self, request: Any) -> Any:
+        ctx = self._admit(request)
+        if not isinstance(ctx, Context):
+            return await self.get_response(request) if ctx is None else ctx
+        started = monotonic()
+        token = begin(ctx)
+        response = None
+        try:
+            response = await self.get_response(request)
+        finally:
+            self._log_if_late(request, ctx)
+            self._log_request(request, response, started)
+            finish(token, ctx)
+        return self._finish(response, ctx)
+
+    def _log_request(self, request: Any, response: Any, started: float) -> None:
+        options = self._door.options
+        if options is not None and options.log_requests:
+            status = getattr(response, "status_code", 500) if response is not None else 500
+            log_request(
+                _late,
+                getattr(request, "method", "?"),
+                getattr(request, "path", "?"),
+                status,
+                started,
+            )
 
     @staticmethod
     def _log_if_late(request: Any, ctx: Context) -> None:
@@ -142,10 +253,15 @@ class RelayMiddleware:
 
     def _open(self, request: Any) -> Context:
         scope = getattr(request, "scope", None)  # ASGIRequest keeps the raw scope
+        door = self._door
         if isinstance(scope, dict):
-            ctx = open_asgi(self._door, scope)
+            ctx = open_asgi(door, scope, None, door.update_request_header)
+            if door.update_request_header:  # META was built before the door ran
+                key = door.current_plan.environ_key
+                if request.META.get(key) != ctx[REQUEST_ID]:
+                    request.META[key] = ctx[REQUEST_ID]
         else:
-            ctx = open_wsgi(self._door, request.META)
+            ctx = open_wsgi(door, request.META, door.update_request_header)
         if self._timeout is not None or deadline_of(ctx) is not None:
             # Bound, not enforced: Django runs the view to its end (sync code
             # checks ctxrelay.checkpoint(); pools and calls honour it).
@@ -153,9 +269,18 @@ class RelayMiddleware:
         return ctx
 
     def _finish(self, response: Any, ctx: Context) -> Any:
-        name = self._door.header_name
+        door = self._door
+        name = door.header_name if door.options is None else door.response_header
         if self._echo and name not in response.headers:  # an id the view set wins
             response.headers[name] = ctx[REQUEST_ID]
+        if self._echo and door.options is not None and door.options.expose_header:
+            exposed = response.headers.get("Access-Control-Expose-Headers")
+            if not exposed:
+                response.headers["Access-Control-Expose-Headers"] = name
+            else:
+                listed = [part.strip().lower() for part in exposed.split(",")]
+                if name not in listed and "*" not in listed:
+                    response.headers["Access-Control-Expose-Headers"] = f"{exposed}, {name}"
         if getattr(response, "streaming", False) and not isinstance(response, FileResponse):
             # FileResponse runs no user code, and wrapping would cost it sendfile.
             content = response.streaming_content
