@@ -90,11 +90,6 @@ class Hop:
     arrived_request_id: str | None = None
     #: Whether the work ran after the client had the whole response (audit only).
     after_response: bool | None = None
-    #: Milliseconds the work had left when it started (``ctxrelay.remaining()``
-    #: there); ``None``: no deadline where it ran.
-    deadline_ms: int | None = None
-    #: A call cut at the deadline (``DeadlineExceeded``) instead of answered.
-    cut: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (also how a Celery worker sends its hop back)."""
@@ -164,16 +159,8 @@ def observe(
     status: int | None = None,
     arrived_request_id: str | None = None,
     after_response: bool | None = None,
-    deadline_ms: int | str | None = "now",
-    cut: bool = False,
 ) -> Hop:
-    """Log ``message`` and describe this hop, from the context current here.
-
-    ``deadline_ms``: the time the work had left when it started; by default
-    what is left now."""
-    if deadline_ms == "now":
-        left = ctxrelay.remaining()
-        deadline_ms = None if left is None else int(left * 1000)
+    """Log ``message`` and describe this hop, from the context current here."""
     log.info(message, extra={"hop": name})
     return Hop(
         name=name,
@@ -189,6 +176,4 @@ def observe(
         status=status,
         arrived_request_id=arrived_request_id,
         after_response=after_response,
-        deadline_ms=deadline_ms if isinstance(deadline_ms, int) else None,
-        cut=cut,
     )

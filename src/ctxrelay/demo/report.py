@@ -9,8 +9,8 @@ from typing import Any
 
 from ctxrelay import Policy
 
-from .hops import AUDIT, CART_HOP, CELERY, HANDLER, HANDLER_HOP, HOPS, HTTP, Hop
-from .shop import BUDGET, CANARY, RENDER_RESERVE, SLOW_CART, USER
+from .hops import AUDIT, CELERY, HANDLER, HANDLER_HOP, HOPS, HTTP, Hop
+from .shop import CANARY, USER
 
 __all__ = ["INTRO", "Problem", "Result", "Walk", "as_json", "as_text", "problems"]
 
@@ -34,13 +34,10 @@ class Walk:
     #: What strict mode said during the walk with the relay off (observe-only
     #: ``instrument(relay=False)``): the hand-off each lost hop must change.
     strict: tuple[dict[str, Any], ...] = field(default=())
-    #: What the browser got, in a few words (the page's lookups, or the error).
-    page: str = ""
 
     @property
     def correct(self) -> bool:
-        """Every hop saw the whole request, and nothing more; the slow cart
-        was cut at the deadline and the page answered in time."""
+        """Every hop saw the whole request, and nothing more."""
         return not self.problems
 
 
@@ -62,9 +59,7 @@ class Result:
 def problems(
     request_id: str, status: int, echoed: str | None, hops: Mapping[str, Hop]
 ) -> tuple[Problem, ...]:
-    """Everything that differs from a fully relayed request -- which, with
-    the deliberately slow cart, includes the cart call cut at the deadline
-    (the page then says so, answering 200 in time)."""
+    """Everything that differs from a fully relayed request."""
     found: list[Problem] = []
     if status != 200:
         found.append(("order page", f"answered {status}"))
@@ -93,7 +88,7 @@ def _hop_problems(hop: Hop, request_id: str, home: Hop | None) -> list[str]:
     if hop.canary != CANARY:
         found.append("canary tag lost")
     if hop.kind in (HANDLER, HTTP):
-        found.extend(_call_problems(hop, request_id, slow=hop.name == CART_HOP))
+        found.extend(_call_problems(hop, request_id))
     if hop.kind == AUDIT and not hop.after_response:
         found.append("did not run after the response")
     if f"[{request_id} {USER}]" not in hop.log_line:
@@ -107,18 +102,10 @@ def _hop_problems(hop: Hop, request_id: str, home: Hop | None) -> list[str]:
     return found
 
 
-def _call_problems(hop: Hop, request_id: str, *, slow: bool) -> list[str]:
-    """A call: the other service answered 200 -- or, the slow cart, the call
-    was cut at the deadline -- and the request id reached it."""
+def _call_problems(hop: Hop, request_id: str) -> list[str]:
+    """A call: the other service answered 200, and the request id reached it."""
     found = []
-    if slow:
-        if not hop.cut:
-            found.append("ran past the deadline" if hop.deadline_ms is None else "not cut")
-        if hop.status is not None:
-            found.append(f"answered {hop.status}")
-    elif hop.cut:
-        found.append("cut at the deadline")
-    elif hop.status != 200:
+    if hop.status != 200:
         found.append(f"answered {hop.status}")
     # The id in the calling thread's context proves nothing about the wire:
     # the other service must say it received it.
@@ -138,7 +125,6 @@ def _walk_dict(walk: Walk) -> dict[str, Any]:
         "status": walk.status,
         "echoed_request_id": walk.echoed_request_id,
         "seconds": round(walk.seconds, 3),
-        "page": walk.page,
         "correct": walk.correct,
         "problems": [{"hop": hop, "problem": what} for hop, what in walk.problems],
         "strict_mode": list(walk.strict),
@@ -155,8 +141,6 @@ def as_json(result: Result) -> str:
         "worker": result.worker,
         # What the browser sent (besides each walk's request id); the cookie masked.
         "sent": {"user": USER, "cookie": f"session={Policy.MASK}", "x-gray": CANARY},
-        "budget": BUDGET,
-        "slow_cart": SLOW_CART,
         "walks": [_walk_dict(walk) for walk in result.walks],
     }
     return json.dumps(document, indent=2)
@@ -174,7 +158,7 @@ _COLUMNS = (
 )
 _MORE = (("cookie", 9), ("canary", 7), ("result", 0))
 
-INTRO = f"""\
+INTRO = """\
 ctxrelay demo: the order-confirmation page, walked twice.
 
 The browser sends one request: GET /order/confirm with its session cookie,
@@ -184,11 +168,6 @@ member (addresses) and cart (items) on a thread pool and waits for both;
 starts an audit thread that reads the request after the response; publishes
 a Celery task that mails the confirmation.  Member and cart answer 401
 without the cookie; cart has a canary assortment.
-
-The order page has a default timeout of {BUDGET:g} s (RelayMiddleware(timeout={BUDGET:g}));
-the lookups get it less {RENDER_RESERVE:g} s kept to answer.  The cart is deliberately
-slow ({SLOW_CART:g} s): with the relay its call is cut at the deadline, and the page
-says so; without, the pool thread has no deadline and waits for the cart.
 
 Both walks: ctxrelay's RelayMiddleware at the door, its httpx hook on the
 outgoing calls, its ContextFilter on the log handler -- the request thread
@@ -264,15 +243,10 @@ def _hop_lines(name: str, walks: Sequence[Walk], pid: int) -> list[str]:
 
 
 def _verdict(walk: Walk) -> list[str]:
-    page = f"  the page: {walk.page}"
     if walk.correct:
-        return [
-            f"relay on: every hop saw the whole request ({walk.seconds:.1f} s); the slow cart "
-            f"was cut at the deadline.",
-            page,
-        ]
+        return [f"relay on: every hop saw the whole request ({walk.seconds:.1f} s)."]
     title = "relay on" if walk.relay else "relay off -- the context lost"
-    lines = [f"{title}: {len(walk.problems)} problems ({walk.seconds:.1f} s):", page]
+    lines = [f"{title}: {len(walk.problems)} problems ({walk.seconds:.1f} s):"]
     grouped: dict[str, list[str]] = {}
     for hop, what in walk.problems:
         grouped.setdefault(hop, []).append(what)
@@ -321,9 +295,7 @@ def as_text(result: Result) -> str:
         lines += _verdict(walk)
     lines.append("")
     if result.ok:
-        lines.append(
-            "OK: with ctxrelay every hop saw its request, and the deadline (exit status 0)."
-        )
+        lines.append("OK: with ctxrelay every hop saw its request (exit status 0).")
     else:
         lines.append("FAILED: the relayed walk is not fully correct (exit status 1).")
     return "\n".join(lines)

@@ -5,20 +5,14 @@
   ctxrelay, read the raw headers, answer 401 without the user's session
   cookie, and report what arrived on the wire: whether the cookie came, the
   canary tag and the ``x-request-id``.  The cart answers with its
-  canary assortment when the request carries ``x-gray: canary``.  The cart
-  is deliberately slow (``SLOW_CART`` seconds, whoever asks) and writes down
-  what arrived as soon as it arrives, since a caller that gives up never
-  reads its answer.
-* **order** (FastAPI behind ctxrelay's ``RelayMiddleware`` with a default
-  timeout, ``BUDGET``): ``GET /order/confirm`` builds the confirmation page.
-  On the request thread it asks member who is logged in; then it fans out to
-  member (addresses) and cart (items) on a thread pool, under the request's
-  deadline less ``RENDER_RESERVE`` (the time it keeps to answer), and waits
-  for both; a lookup cut at that deadline shows on the page as such.  It
-  starts an audit thread that reads the request after the response is sent,
-  and publishes a Celery task that mails the confirmation: both must outlive
-  the request, so they start under ``ctxrelay.without_deadline()``.  It logs
-  through stdlib ``logging``.
+  canary assortment when the request carries ``x-gray: canary``.
+* **order** (FastAPI behind ctxrelay's ``RelayMiddleware``): ``GET
+  /order/confirm`` builds the confirmation page.  On the request thread it
+  asks member who is logged in; then it fans out to member (addresses) and
+  cart (items) on a thread pool and waits for both; it starts an audit thread
+  that reads the request after the response is sent; it publishes a Celery
+  task that mails the confirmation.  It logs through
+  stdlib ``logging``.
 
 :class:`OrderService` is the same code in both walks.  ``relay`` switches
 only what is missing without ctxrelay: the pool and the thread class (plain
@@ -28,14 +22,11 @@ both walks the request enters through ``RelayMiddleware`` and outgoing calls
 carry the current context's headers (ctxrelay's httpx hook), as Spring's
 ``RequestContextHolder`` and a Feign interceptor do in Spring: the request
 thread has the context either way.  Whether it follows the work is the
-difference -- for the deadline too: with the relay, the pool thread's call
-to the slow cart carries the deadline and is cut at it; without, the pool
-thread has no deadline and the call waits for the cart.
+difference.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import threading
@@ -64,15 +55,7 @@ from .hops import (
     Hop,
     observe,
 )
-from .shop import (
-    BUDGET,
-    CANARY,
-    ORDER_ID,
-    RENDER_RESERVE,
-    SESSIONS,
-    SLOW_CART,
-    browser_headers,
-)
+from .shop import CANARY, ORDER_ID, SESSIONS, browser_headers
 
 __all__ = ["WAIT", "OrderService", "browse", "cart_app", "member_app", "serve"]
 
@@ -123,19 +106,12 @@ def member_app() -> FastAPI:
     return api
 
 
-def cart_app(arrivals: list[dict[str, Any]] | None = None) -> FastAPI:
-    """The cart service: the checked items; a canary assortment for canary
-    traffic.  Slow: it answers after ``SLOW_CART`` seconds (sooner only if
-    the caller hangs up), and appends what arrived to ``arrivals`` first."""
+def cart_app() -> FastAPI:
+    """The cart service: the checked items; a canary assortment for canary traffic."""
     api = FastAPI(title="cart")
 
     @api.get("/cart/items")
     async def items(request: Request) -> JSONResponse:
-        if arrivals is not None:
-            arrivals.append(_arrived(request))
-        done = time.monotonic() + SLOW_CART
-        while time.monotonic() < done and not await request.is_disconnected():
-            await asyncio.sleep(0.02)
         if _logged_in(request) is None:
             return _login_required(request)
         canary = request.headers.get("x-gray") == CANARY
@@ -165,19 +141,9 @@ class OrderService:
     :meth:`hops` returns them once the audit has run.
     """
 
-    def __init__(
-        self,
-        *,
-        relay: bool,
-        member: str,
-        cart: str,
-        confirmation: Any,
-        cart_arrivals: list[dict[str, Any]] | None = None,
-    ) -> None:
+    def __init__(self, *, relay: bool, member: str, cart: str, confirmation: Any) -> None:
         self.member = member
         self.cart = cart
-        #: What the cart wrote down as each call arrived (see :func:`cart_app`).
-        self.cart_arrivals = cart_arrivals if cart_arrivals is not None else []
         self.confirmation = confirmation
         self.pool: concurrent.futures.Executor
         self.thread_class: type[threading.Thread]
@@ -196,27 +162,16 @@ class OrderService:
         self._hops: dict[str, Hop] = {}
         self._lock = threading.Lock()
         self._audited = threading.Event()
-        self._handled = threading.Event()
 
     def app(self) -> RelayMiddleware:
-        """The ASGI app: FastAPI, wrapped (outermost) in ctxrelay's door,
-        which gives every request ``BUDGET`` seconds."""
+        """The ASGI app: FastAPI, wrapped (outermost) in ctxrelay's door."""
         api = FastAPI(title="order")
-        api.add_api_route("/order/confirm", self.endpoint, methods=["GET"])
-        return RelayMiddleware(api, timeout=BUDGET)
-
-    def endpoint(self) -> dict[str, Any]:
-        """``GET /order/confirm``.  A sync endpoint: FastAPI runs it on a
-        worker thread, with the request's context copied in (fastapi #953).
-        It runs to its end even when the door has answered 504 already: a
-        thread cannot be interrupted."""
-        try:
-            return self.confirm()
-        finally:
-            self._handled.set()
+        api.add_api_route("/order/confirm", self.confirm, methods=["GET"])
+        return RelayMiddleware(api)
 
     def confirm(self) -> dict[str, Any]:
-        """The confirmation page."""
+        """``GET /order/confirm``.  A sync endpoint: FastAPI runs it on a
+        worker thread, with the request's context copied in (fastapi #953)."""
         status, me = self._get(f"{self.member}/member/me")
         user = me.get("user")
         # Seed 000's LoginUserInterceptor: the user, for everything below.
@@ -229,21 +184,14 @@ class OrderService:
                 message=f"confirming {ORDER_ID} for {user}, {me.get('points')} points",
                 result=f"member /me: {status}, user {user}",
             )
-            # Seed 000: both lookups on the pool at once, then wait for both --
-            # within the request's deadline, less the time kept to answer.
-            left = ctxrelay.remaining()
-            with ctxrelay.deadline(None if left is None else max(0.0, left - RENDER_RESERVE)):
-                addresses = self.pool.submit(
-                    self._fetch, MEMBER_HOP, f"{self.member}/member/addresses"
-                )
-                items = self.pool.submit(self._fetch, CART_HOP, f"{self.cart}/cart/items")
-                page = {"order": ORDER_ID, "addresses": _page(addresses), "items": _page(items)}
-            # Work that must outlive the request: the request's fields, no deadline.
-            with ctxrelay.without_deadline():
-                # Seed 002: an audit nobody waits for; it outlives the response.
-                self.thread_class(target=self._audit, name="audit").start()
-                # Seeds 003/004: the asynchronous work, through a broker.
-                self.published = self.confirmation.delay(ORDER_ID)
+            # Seed 000: both lookups on the pool at once, then wait for both.
+            addresses = self.pool.submit(self._fetch, MEMBER_HOP, f"{self.member}/member/addresses")
+            items = self.pool.submit(self._fetch, CART_HOP, f"{self.cart}/cart/items")
+            page = {"order": ORDER_ID, "addresses": addresses.result(), "items": items.result()}
+            # Seed 002: an audit nobody waits for; it outlives the response.
+            self.thread_class(target=self._audit, name="audit").start()
+            # Seeds 003/004: the asynchronous work, through a broker.
+            self.published = self.confirmation.delay(ORDER_ID)
         return page
 
     def _get(self, url: str) -> tuple[int, dict[str, Any]]:
@@ -251,33 +199,14 @@ class OrderService:
             response = self.http.get(url)
             body = response.json()
             return response.status_code, body if isinstance(body, dict) else {}
-        except ctxrelay.DeadlineExceeded as exc:  # before httpx's own (it is one too)
-            return 0, {"cut": True, "error": f"DeadlineExceeded ({exc})"}
         except (httpx.HTTPError, ValueError) as exc:
             return 0, {"error": f"{type(exc).__name__}: {exc}"}
 
-    def _fetch(self, hop: str, url: str) -> list[str] | str:
-        """A remote call made from a pool thread (a Feign call in the Spring
-        original): what it found, or what the page says instead."""
-        left = ctxrelay.remaining()
-        had = None if left is None else int(left * 1000)
-        started = time.monotonic()
+    def _fetch(self, hop: str, url: str) -> list[str]:
+        """A remote call made from a pool thread (a Feign call in the Spring original)."""
         status, body = self._get(url)
-        took = time.monotonic() - started
-        cut = body.get("cut") is True
-        if cut and hop == CART_HOP and self.cart_arrivals:
-            # Cut before the cart answered: what arrived there, as it wrote it down.
-            body = {**body, "arrived": self.cart_arrivals[-1]}
-        if cut:
-            result = f"cut at the deadline after {took:.1f} s ({_budget(had)}): DeadlineExceeded"
-        else:
-            result = f"{_summary(status, body)} ({took:.1f} s, {_budget(had)})"
-        message = f"{hop} was cut at the deadline" if cut else f"{hop} answered {status}"
-        self._record_call(
-            hop, HTTP, status, body, message=message, result=result, deadline_ms=had, cut=cut
-        )
-        if cut:
-            return "not shown: no answer within the deadline"
+        message = f"{hop} answered {status}"
+        self._record_call(hop, HTTP, status, body, message=message, result=_summary(status, body))
         found = body.get("addresses", body.get("items", []))
         return [str(item) for item in found]
 
@@ -314,16 +243,7 @@ class OrderService:
             self._audited.set()
 
     def _record_call(
-        self,
-        hop: str,
-        kind: str,
-        status: int,
-        body: dict[str, Any],
-        *,
-        message: str,
-        result: str,
-        deadline_ms: int | str | None = "now",
-        cut: bool = False,
+        self, hop: str, kind: str, status: int, body: dict[str, Any], *, message: str, result: str
     ) -> None:
         """Record a hop that called another service: what arrived there."""
         arrived = body.get("arrived", {})
@@ -337,10 +257,8 @@ class OrderService:
                 cookie=arrived.get("cookie") is True,
                 canary=arrived.get("canary"),
                 result=result,
-                status=None if cut else status,
+                status=status,
                 arrived_request_id=arrived_id if isinstance(arrived_id, str) else None,
-                deadline_ms=deadline_ms,
-                cut=cut,
             )
         )
 
@@ -349,9 +267,7 @@ class OrderService:
             self._hops[hop.name] = hop
 
     def hops(self) -> dict[str, Hop]:
-        """The hops recorded, after waiting (bounded) for the handler to end
-        (it may outlive its response) and for the audit thread."""
-        self._handled.wait(WAIT)
+        """The hops recorded, after waiting (bounded) for the audit thread."""
         self._audited.wait(WAIT)
         with self._lock:
             return dict(self._hops)
@@ -360,19 +276,6 @@ class OrderService:
         """Stop the pool and the HTTP client."""
         self.pool.shutdown(wait=True)
         self.http.close()
-
-
-def _page(lookup: concurrent.futures.Future[list[str] | str]) -> list[str] | str:
-    """A lookup's part of the page; a lookup the pool did not start because
-    its deadline had passed says so."""
-    try:
-        return lookup.result()
-    except ctxrelay.DeadlineExceeded:
-        return "not shown: not started before the deadline"
-
-
-def _budget(ms: int | None) -> str:
-    return "no deadline here" if ms is None else f"{ms} ms left"
 
 
 # -- serving and browsing ---------------------------------------------------

@@ -11,14 +11,11 @@ import secrets
 import ctxrelay
 
 __all__ = [
-    "BUDGET",
     "CANARY",
     "COOKIE",
     "ORDER_ID",
-    "RENDER_RESERVE",
     "SESSION",
     "SESSIONS",
-    "SLOW_CART",
     "USER",
     "browser_headers",
     "new_request_id",
@@ -37,14 +34,6 @@ SESSIONS = {SESSION: USER}
 CANARY = "canary"
 
 ORDER_ID = "o-1001"
-
-#: Seconds: the order page's default timeout (``RelayMiddleware(timeout=...)``,
-#: seed 003's ``setDefaultTimeout``), and the part of it the handler keeps
-#: for itself to render the page (the lookups get the rest).
-BUDGET = 0.5
-RENDER_RESERVE = 0.2
-#: Seconds the deliberately slow cart service takes to answer.
-SLOW_CART = 2.0
 
 
 def new_request_id() -> str:

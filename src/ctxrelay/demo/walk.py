@@ -88,18 +88,15 @@ def running(broker: str | None = None) -> Iterator[Result]:
     result; everything is stopped when the block ends."""
     queue = f"ctxrelay-demo-{uuid.uuid4().hex[:8]}"
     app = make_app(broker, queue)
-    arrivals: list[dict[str, Any]] = []  # what reached the slow cart, as it arrived
     previous = ctxrelay.configure(policy())
     try:
         with (
             logging_to_recorder(),
             _worker(app, broker, queue) as worker,
             serve(member_app(), "member") as member,
-            serve(cart_app(arrivals), "cart") as cart,
+            serve(cart_app(), "cart") as cart,
         ):
-            walks = tuple(
-                _walk(relay, member, cart, arrivals, app, worker) for relay in (False, True)
-            )
+            walks = tuple(_walk(relay, member, cart, app, worker) for relay in (False, True))
             yield Result(os.getpid(), shown(app), worker.description, walks)
     finally:
         ctxrelay.configure(previous)
@@ -123,23 +120,10 @@ def _celery_relay(app: Any, relay: bool) -> Iterator[None]:
         celery_relay.uninstall(app)
 
 
-def _walk(
-    relay: bool,
-    member: str,
-    cart: str,
-    arrivals: list[dict[str, Any]],
-    app: Any,
-    worker: Worker,
-) -> Walk:
+def _walk(relay: bool, member: str, cart: str, app: Any, worker: Worker) -> Walk:
     """One request through the shop: the browser's call, then every hop's report."""
     request_id = new_request_id()
-    service = OrderService(
-        relay=relay,
-        member=member,
-        cart=cart,
-        confirmation=app.tasks[TASK],
-        cart_arrivals=arrivals,
-    )
+    service = OrderService(relay=relay, member=member, cart=cart, confirmation=app.tasks[TASK])
     started = time.monotonic()
     reports: tuple[dict[str, Any], ...] = ()
     try:
@@ -168,25 +152,7 @@ def _walk(
         seconds=time.monotonic() - started,
         problems=problems(request_id, status, echoed, hops),
         strict=reports,
-        page=_page(response),
     )
-
-
-def _page(response: Any) -> str:
-    """What the browser got, in a few words."""
-    status = response.status_code
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if status == 200 and isinstance(body, dict):
-        parts = [f"{status}"]
-        for name in ("addresses", "items"):
-            found = body.get(name)
-            parts.append(f"{name}: {len(found)}" if isinstance(found, list) else f"{name}: {found}")
-        return ", ".join(parts)
-    text = " ".join(response.text.split())
-    return f"{status} {text[:120]}"
 
 
 @contextmanager
