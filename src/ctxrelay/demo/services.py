@@ -174,7 +174,7 @@ class OrderService:
         worker thread, with the request's context copied in (fastapi #953)."""
         status, me = self._get(f"{self.member}/member/me")
         user = me.get("user")
-        # Seed 000's LoginUserInterceptor: the user, for everything below.
+        # The Spring original's LoginUserInterceptor: the user, for everything below.
         with ctxrelay.bind({"user": user} if isinstance(user, str) else {}):
             self._record_call(
                 HANDLER_HOP,
@@ -184,13 +184,13 @@ class OrderService:
                 message=f"confirming {ORDER_ID} for {user}, {me.get('points')} points",
                 result=f"member /me: {status}, user {user}",
             )
-            # Seed 000: both lookups on the pool at once, then wait for both.
+            # Both lookups on the pool at once, then wait for both.
             addresses = self.pool.submit(self._fetch, MEMBER_HOP, f"{self.member}/member/addresses")
             items = self.pool.submit(self._fetch, CART_HOP, f"{self.cart}/cart/items")
             page = {"order": ORDER_ID, "addresses": addresses.result(), "items": items.result()}
-            # Seed 002: an audit nobody waits for; it outlives the response.
+            # An audit nobody waits for; it outlives the response.
             self.thread_class(target=self._audit, name="audit").start()
-            # Seeds 003/004: the asynchronous work, through a broker.
+            # The asynchronous work, through a broker.
             self.published = self.confirmation.delay(ORDER_ID)
         return page
 

@@ -29,7 +29,7 @@ COOKIE = f"session={SESSION}"
 #: What the member and cart services know: session -> user.
 SESSIONS = {SESSION: USER}
 
-#: Seed 004's canary ("gray") tag: the ``x-gray`` header routes a request to
+#: The canary ("gray" release) tag: the ``x-gray`` header routes a request to
 #: the canary version of every service it reaches.
 CANARY = "canary"
 
