@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import signal
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -402,7 +403,15 @@ def test_rq_job_whose_deadline_passed_is_not_run(rq_connection: Any, tmp_path: P
         # its ttl (1 s here, the deadline rounded up), so the worker must
         # take it before Redis drops it.
         worker = RelaySimpleWorker([queue], connection=rq_connection, job_class=rq_jobs.SignedJob)
-        worker.work(burst=True)
+        # An in-process worker installs its own SIGINT/SIGTERM handlers: put
+        # ours back, or every process forked later in this run (a pool's
+        # workers) ignores SIGTERM and pool.terminate() hangs.
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            worker.work(burst=True)
+        finally:
+            for sig, previous in saved.items():
+                signal.signal(sig, previous)
     finally:
         logging.getLogger("ctxrelay").removeHandler(handler)
     assert not marker.exists()
