@@ -91,10 +91,14 @@ NEEDS_EXTRA = {
     "ctxrelay.integrations.sentry": "sentry",
 }
 
-#: Extras installed in the sdist's test environment (what ``make test`` installs).
-TEST_EXTRAS = (
-    "dev,demo,fastapi,flask,django,celery,rq,dramatiq,requests,httpx,aiohttp,structlog,loguru"
+#: Extras installed in the sdist's test environment: the Makefile's (``make test``'s).
+TEST_EXTRAS = next(
+    line.split(":=", 1)[1].strip()
+    for line in (ROOT / "Makefile").read_text().splitlines()
+    if line.startswith("EXTRAS")
 )
+#: Installed without dependencies after them, as the Makefile does.
+NO_DEPS = ("arq>=0.28",)
 
 #: Run in a fresh environment: which of ``sys.argv[1:]`` import, and how the others fail.
 _PROBE = """
@@ -177,9 +181,17 @@ def check_artefacts(sdist: Path, wheel: Path) -> None:
         members = {
             Path(m).relative_to(f"ctxrelay-{version}").as_posix() for m in archive.getnames()[1:]
         }
-    for needed in ("LICENSE", "CHANGELOG.md", "tests/test_docs.py", "docs/index.md", "mkdocs.yml"):
-        if (ROOT / needed).exists() and needed not in members:
-            raise Failed(f"the sdist lacks {needed}")
+    tracked = subprocess.run(
+        ["git", "ls-files", "tests", "docs", "bench", "changelog.d"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    wanted = {"LICENSE", "CHANGELOG.md", "mkdocs.yml", "Makefile", *tracked}
+    missing = sorted(n for n in wanted if (ROOT / n).exists() and n not in members)
+    if missing:
+        raise Failed(f"the sdist lacks {missing[:10]} (MANIFEST.in)")
     say(f"wheel: LICENSE, py.typed, console script, metadata; sdist: {len(members)} files")
 
 
@@ -285,6 +297,7 @@ def check_sdist_tests(sdist: Path, work: Path, python: str, pytest_args: Sequenc
     source = work / sdist.name.removesuffix(".tar.gz")
     py = venv(work / "sdist-venv", python)
     install(py, f"{source}[{TEST_EXTRAS}]")
+    install(py, "--no-deps", *NO_DEPS)
     command = [py, "-m", "pytest", "-p", "no:cacheprovider", "-q", *pytest_args]
     say(f"sdist: running its tests from {source.name}/: pytest {' '.join(pytest_args)}")
     finished = subprocess.run(
