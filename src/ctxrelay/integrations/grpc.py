@@ -60,8 +60,13 @@ from time import monotonic
 from typing import Any, NoReturn
 from urllib.parse import unquote
 
-import grpc
-import grpc.aio
+try:
+    import grpc
+    import grpc.aio
+except ImportError as exc:  # without the extra installed (make dist checks it)
+    raise ImportError(
+        "ctxrelay.integrations.grpc needs grpcio: pip install 'ctxrelay[grpc]'"
+    ) from exc
 
 from .. import _policy
 from .._context import REQUEST_ID, Context, current, enter, leave, narrowed
