@@ -126,16 +126,7 @@ class RelayMiddleware:
             body = self.app(environ, start_response)
         except Exception:
             if self.log_errors:
-                from .._escape import log_text  # the error path only
-
-                # Escaped: the server percent-decoded PATH_INFO, and a raw
-                # "%0a" in it would forge a log line (log injection).
-                _errors.error(
-                    "unhandled exception in %s %s",
-                    log_text(environ.get("REQUEST_METHOD", "?")),
-                    log_text(environ.get("PATH_INFO", "?")),
-                    exc_info=True,
-                )
+                _log_error(environ)
             raise
         finally:
             if timed and self.log_errors:
@@ -184,14 +175,7 @@ class RelayMiddleware:
             body = self.app(environ, start_response)
         except Exception:
             if self.log_errors:
-                from .._escape import log_text  # the error path only
-
-                _errors.error(
-                    "unhandled exception in %s %s",
-                    log_text(environ.get("REQUEST_METHOD", "?")),
-                    log_text(environ.get("PATH_INFO", "?")),
-                    exc_info=True,
-                )
+                _log_error(environ)
             raise
         finally:
             if timed and self.log_errors:
@@ -323,3 +307,18 @@ class LoggedBody(BoundBody):
                     _log_request(self._environ, self._status, self._started)
                 finally:
                     leave(token)
+
+
+def _log_error(environ: WSGIEnvironment) -> None:
+    """The door's own line for an exception that escapes the app, written
+    while the request is still bound (so it carries the request id)."""
+    from .._escape import log_text  # the error path only
+
+    # Escaped: the server percent-decoded PATH_INFO, and a raw "%0a" in it
+    # would forge a log line (log injection).
+    _errors.error(
+        "unhandled exception in %s %s",
+        log_text(environ.get("REQUEST_METHOD", "?")),
+        log_text(environ.get("PATH_INFO", "?")),
+        exc_info=True,
+    )
