@@ -42,8 +42,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/ruff check src tests bench scripts
 
+# mypy --strict on the code; then pyright --verifytypes on the installed package's
+# public face (scripts/verify_types.py says why it is a script; ~5-10 s).
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+	$(PY) scripts/verify_types.py
 
 services:
 	@bash scripts/ensure-services

@@ -45,10 +45,10 @@ from urllib.parse import urljoin
 
 try:
     import aiohttp
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.aiohttp needs aiohttp: pip install 'ctxrelay[aiohttp]'"
-    ) from exc
+    ) from _exc
 
 import attr
 from aiohttp.helpers import sentinel

@@ -45,10 +45,10 @@ from typing import Any
 
 try:
     from aiohttp import web
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.aiohttp_server needs aiohttp: pip install 'ctxrelay[aiohttp]'"
-    ) from exc
+    ) from _exc
 
 from .. import _policy
 from .._context import REQUEST_ID, enter, leave
@@ -135,8 +135,8 @@ class RelayMiddleware:
         log_errors: bool = True,
     ) -> None:
         self._door = Door(header_name, validator)
-        self.echo = echo
-        self.log_errors = log_errors
+        self.echo: bool = echo
+        self.log_errors: bool = log_errors
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         door = self._door

@@ -149,7 +149,7 @@ class RelayMiddleware:
                 f"RelayMiddleware wraps an ASGI app (a callable taking scope, receive, send), "
                 f"not {type(app).__name__}"
             )
-        self.app = app
+        self.app: ASGIApp = app
         self._door = Door(
             header_name,
             validator,
@@ -162,9 +162,9 @@ class RelayMiddleware:
             reject_invalid=reject_invalid,
             log_requests=log_requests,
         )
-        self.echo = echo
-        self.log_errors = log_errors
-        self.timeout = check_timeout(timeout)
+        self.echo: bool = echo
+        self.log_errors: bool = log_errors
+        self.timeout: float | None = check_timeout(timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")

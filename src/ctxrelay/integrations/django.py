@@ -39,10 +39,10 @@ try:
     from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
     from django.http import FileResponse, HttpResponseBadRequest  # type: ignore[import-untyped]
     from django.utils.module_loading import import_string  # type: ignore[import-untyped]
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.django needs Django: pip install 'ctxrelay[django]'"
-    ) from exc
+    ) from _exc
 
 from .._context import REQUEST_ID, Context, begin, enter, finish, leave
 from .._deadline import check_timeout, deadline_of, for_request, log_if_late

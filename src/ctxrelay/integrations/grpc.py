@@ -63,10 +63,10 @@ from urllib.parse import unquote
 try:
     import grpc
     import grpc.aio
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.grpc needs grpcio: pip install 'ctxrelay[grpc]'"
-    ) from exc
+    ) from _exc
 
 from .. import _policy
 from .._context import REQUEST_ID, Context, current, enter, leave, narrowed

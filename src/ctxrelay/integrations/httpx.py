@@ -41,10 +41,10 @@ from typing import Any, TypeVar
 
 try:
     import httpx
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.httpx needs httpx: pip install 'ctxrelay[httpx]'"
-    ) from exc
+    ) from _exc
 
 from .._context import current
 from .._deadline import DeadlineExceeded, call_deadline, expired

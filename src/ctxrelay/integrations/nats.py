@@ -67,10 +67,10 @@ try:
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
     from nats.js.client import JetStreamContext
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.nats needs nats-py: pip install 'ctxrelay[nats]'"
-    ) from exc
+    ) from _exc
 
 from .._carrier import KEY, SIGNATURE, Secret, Signer, as_signer, binding, capture, restore
 from .._context import EMPTY, Context, current, enter, leave, use

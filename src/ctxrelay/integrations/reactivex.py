@@ -54,10 +54,10 @@ try:
     from reactivex import abc, typing
     from reactivex.scheduler.periodicscheduler import PeriodicScheduler
     from reactivex.scheduler.scheduler import Scheduler
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.reactivex needs reactivex: pip install 'ctxrelay[reactivex]'"
-    ) from exc
+    ) from _exc
 
 __all__ = ["RelayScheduler", "install", "installed", "uninstall"]
 

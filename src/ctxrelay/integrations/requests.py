@@ -44,10 +44,10 @@ from typing import Any
 
 try:
     import requests
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.requests needs requests: pip install 'ctxrelay[requests]'"
-    ) from exc
+    ) from _exc
 
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import Timeout

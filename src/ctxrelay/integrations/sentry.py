@@ -51,10 +51,10 @@ try:
     from sentry_sdk.integrations import Integration
     from sentry_sdk.scope import add_global_event_processor
     from sentry_sdk.tracing import Transaction
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.sentry needs sentry-sdk: pip install 'ctxrelay[sentry]'"
-    ) from exc
+    ) from _exc
 
 from .._context import REQUEST_ID, Context, validate_field
 from .._logfields import PerContext, masked_fields
@@ -115,7 +115,7 @@ class SentryIntegration(Integration):
                     "only ever say ***.  It is in the ctxrelay context block, masked"
                 )
         self.tags = chosen
-        self.context = bool(context)
+        self.context: bool = bool(context)
         self._prepared: PerContext[_Prepared] = PerContext(self._prepare)
 
     def _prepare(self, ctx: Context, policy: Policy) -> _Prepared:

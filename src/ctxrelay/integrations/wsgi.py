@@ -94,7 +94,7 @@ class RelayMiddleware:
                 f"RelayMiddleware wraps a WSGI app (a callable taking environ, start_response), "
                 f"not {type(app).__name__}"
             )
-        self.app = app
+        self.app: WSGIApplication = app
         self._door = Door(
             header_name,
             validator,
@@ -107,9 +107,9 @@ class RelayMiddleware:
             reject_invalid=reject_invalid,
             log_requests=log_requests,
         )
-        self.echo = echo
-        self.log_errors = log_errors
-        self.timeout = check_timeout(timeout)
+        self.echo: bool = echo
+        self.log_errors: bool = log_errors
+        self.timeout: float | None = check_timeout(timeout)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         door = self._door
