@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -83,6 +84,18 @@ async def result(job: Job | None) -> Any:
     return await job.result(timeout=WAIT, poll_delay=0.05)
 
 
+#: The request id a worker makes for a job that arrived without one
+#: (tests/integrations/test_worker_fresh_id.py tests it).
+FRESH_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def fresh(fields: dict[str, str]) -> dict[str, str]:
+    """``fields`` without the fresh request id they must hold."""
+    rest = dict(fields)
+    assert FRESH_ID.fullmatch(rest.pop("request_id", "")), fields
+    return rest
+
+
 def relayed(fields: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in fields.items() if k != "job_id"}
 
@@ -102,7 +115,7 @@ def test_enqueue_carries_the_context_and_the_job_runs_bound_to_it(worker: ArqWor
 
     job_id, got, bare, hook = run(main)
     assert got == {"request_id": "r-arq", "tenant": "acme", "job_id": job_id}
-    assert set(bare) == {"job_id"}  # enqueued outside any context: its own id only
+    assert set(fresh(bare)) == {"job_id"}  # enqueued outside any context: its own ids only
     assert hook == "r-arq"  # the settings' own on_job_start runs inside the context
 
 
@@ -163,7 +176,8 @@ def test_failures_timeouts_aborts_and_leaks_leave_nothing_for_the_next_job(
 
     leaked, *after = run(main)
     assert leaked == {"request_id": "r-leak", "user": "leaked"}
-    assert all(set(fields) == {"job_id"} for fields in after)
+    assert all(set(fresh(fields)) == {"job_id"} for fields in after)
+    assert len({fields["request_id"] for fields in after}) == len(after)  # each its own
 
 
 def test_retried_deferred_and_child_jobs_keep_the_context(worker: ArqWorker) -> None:
@@ -362,7 +376,8 @@ def test_a_bad_context_runs_the_job_with_an_empty_one_and_a_log_line(
             await pool.aclose()
 
     got, after = run(main)
-    assert got == {"job_id": job_id}
+    # None of the refused context: a fresh request id, made by the worker.
+    assert fresh(got) == {"job_id": job_id}
     assert relayed(after) == {"request_id": "r-after-bad"}  # the worker keeps serving
 
     def logged() -> bool:

@@ -11,6 +11,7 @@ another task.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import uuid
@@ -46,9 +47,26 @@ TIMEOUT = 60
 _apps: list[Celery] = []
 
 
+#: The request id a worker makes for a task that arrived without one
+#: (tests/integrations/test_worker_fresh_id.py tests it).
+FRESH_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def relayed(fields: dict[str, str]) -> dict[str, str]:
-    """The fields that travelled, without the worker-local task ids."""
-    return {k: v for k, v in fields.items() if k not in WORKER_FIELDS}
+    """The fields that travelled, without the worker-local task ids, nor the
+    fresh request id the worker gave a task that arrived without one."""
+    return {
+        k: v
+        for k, v in fields.items()
+        if k not in WORKER_FIELDS and not (k == "request_id" and FRESH_ID.fullmatch(v))
+    }
+
+
+def fresh(fields: dict[str, str]) -> dict[str, str]:
+    """``fields`` without the fresh request id they must hold."""
+    rest = dict(fields)
+    assert FRESH_ID.fullmatch(rest.pop("request_id", "")), fields
+    return rest
 
 
 class Worker:
@@ -149,7 +167,7 @@ def test_task_published_outside_any_context_sees_only_its_own_task_ids(
 ) -> None:
     result = prefork.task("t.fields").delay()
     fields = result.get(timeout=TIMEOUT)
-    assert fields == {"task_id": result.id, "task_root_id": result.id}
+    assert fresh(fields) == {"task_id": result.id, "task_root_id": result.id}
 
 
 def test_send_task_by_name_carries_the_context(prefork: Worker) -> None:
@@ -317,11 +335,13 @@ def test_failure_and_retry_log_lines_carry_the_request_id(solo: Worker) -> None:
     assert any("[rid=r-fails]" in line and "about to fail" in line for line in log)
     assert any("[rid=r-fails]" in line and "raised unexpected" in line for line in log)
     assert any("[rid=r-fails]" in line and "retry" in line.lower() for line in log)
-    # Nothing bled into the worker thread: the next task's lines, the
-    # consumer's "received" line included, carry no request id.
+    # Nothing bled into the worker thread: the next task's lines carry its
+    # own fresh id, the consumer's "received" line (outside it) none.
     mentions = [line for line in log if clean["task_id"] in line]
     assert mentions
-    assert all("[rid=-]" in line for line in mentions), mentions
+    fresh(clean)
+    own = {"[rid=-]", f"[rid={clean['request_id']}]"}
+    assert all(any(rid in line for rid in own) for line in mentions), mentions
 
 
 def test_process_pool_inside_a_task_relays_the_task_context(threads: Worker) -> None:
@@ -412,7 +432,9 @@ def test_bad_relay_headers_run_with_an_empty_context_and_a_log_line(
     carrier = make(task_id)
     with _relay_off():
         result = solo.app.send_task("t.fields", task_id=task_id, headers={KEY: carrier})
-    assert result.get(timeout=TIMEOUT) == {"task_id": task_id, "task_root_id": task_id}
+    seen = result.get(timeout=TIMEOUT)
+    # None of the refused context: a fresh request id, made by the worker.
+    assert fresh(seen) == {"task_id": task_id, "task_root_id": task_id}
 
     # The worker's log reaches its file asynchronously: wait for the line.
     def logged() -> bool:

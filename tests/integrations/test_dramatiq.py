@@ -6,6 +6,7 @@ Every message is signed (``dramatiq_app.SECRET``).
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,8 +29,26 @@ RUN = uuid.uuid4().hex[:8]
 TIMEOUT_MS = 60_000
 
 
+#: The request id a worker makes for a job that arrived without one
+#: (tests/integrations/test_worker_fresh_id.py tests it).
+FRESH_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def relayed(fields: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in fields.items() if k not in WORKER_FIELDS}
+    """The fields that travelled, without the worker-local ids, nor the
+    fresh request id the worker gave a job that arrived without one."""
+    return {
+        k: v
+        for k, v in fields.items()
+        if k not in WORKER_FIELDS and not (k == "request_id" and FRESH_ID.fullmatch(v))
+    }
+
+
+def fresh(fields: dict[str, str]) -> dict[str, str]:
+    """``fields`` without the fresh request id they must hold."""
+    rest = dict(fields)
+    assert FRESH_ID.fullmatch(rest.pop("request_id", "")), fields
+    return rest
 
 
 class DramatiqWorker:
@@ -72,7 +91,7 @@ def test_message_sent_outside_any_context_sees_only_its_message_id(
     worker: DramatiqWorker,
 ) -> None:
     message = worker.actors["fields"].send()
-    assert worker.result(message) == {"message_id": message.message_id}
+    assert fresh(worker.result(message)) == {"message_id": message.message_id}
 
 
 def test_back_to_back_messages_in_the_worker_threads_do_not_bleed(worker: DramatiqWorker) -> None:
@@ -145,7 +164,8 @@ def test_bad_context_runs_with_an_empty_one_and_a_log_line(
     message = actor.message()
     message.options[KEY] = make(message.message_id)  # kept as is: it already carries one
     actor.broker.enqueue(message)
-    assert worker.result(message) == {"message_id": message.message_id}
+    # None of the refused context: a fresh request id, made by the worker.
+    assert fresh(worker.result(message)) == {"message_id": message.message_id}
 
     # The worker's log reaches its file asynchronously: wait for the line.
     def logged() -> bool:

@@ -7,6 +7,7 @@ show).  Every job is signed (``rq_jobs.SignedJob``).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import uuid
@@ -33,8 +34,26 @@ DB = 12
 RUN = uuid.uuid4().hex[:8]
 
 
+#: The request id a worker makes for a job that arrived without one
+#: (tests/integrations/test_worker_fresh_id.py tests it).
+FRESH_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def relayed(fields: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in fields.items() if k not in WORKER_FIELDS}
+    """The fields that travelled, without the worker-local ids, nor the
+    fresh request id the worker gave a job that arrived without one."""
+    return {
+        k: v
+        for k, v in fields.items()
+        if k not in WORKER_FIELDS and not (k == "request_id" and FRESH_ID.fullmatch(v))
+    }
+
+
+def fresh(fields: dict[str, str]) -> dict[str, str]:
+    """``fields`` without the fresh request id they must hold."""
+    rest = dict(fields)
+    assert FRESH_ID.fullmatch(rest.pop("request_id", "")), fields
+    return rest
 
 
 class RQWorker:
@@ -95,7 +114,7 @@ def test_enqueue_carries_the_context_to_the_worker(
 
 def test_job_enqueued_outside_any_context_sees_only_its_job_id(simple: RQWorker) -> None:
     job = simple.queue.enqueue(rq_jobs.fields)
-    assert simple.result(job) == {"job_id": job.id}
+    assert fresh(simple.result(job)) == {"job_id": job.id}
 
 
 def test_back_to_back_jobs_in_one_process_do_not_bleed(simple: RQWorker) -> None:
@@ -174,7 +193,8 @@ def test_bad_context_runs_with_an_empty_one_and_a_log_line(simple: RQWorker, kin
     job = simple.queue.create_job(rq_jobs.fields)
     job.meta[KEY] = make(job.id)
     simple.queue.enqueue_job(job)
-    assert simple.result(job) == {"job_id": job.id}
+    # None of the refused context: a fresh request id, made by the worker.
+    assert fresh(simple.result(job)) == {"job_id": job.id}
 
     # The worker's log reaches its file asynchronously: wait for the line.
     def logged() -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -118,6 +119,18 @@ async def value(task: Any) -> Any:
     return got.return_value
 
 
+#: The request id a worker makes for a job that arrived without one
+#: (tests/integrations/test_worker_fresh_id.py tests it).
+FRESH_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def fresh(fields: dict[str, str]) -> dict[str, str]:
+    """``fields`` without the fresh request id they must hold."""
+    rest = dict(fields)
+    assert FRESH_ID.fullmatch(rest.pop("request_id", "")), fields
+    return rest
+
+
 def relayed(fields: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in fields.items() if k != "task_id"}
 
@@ -133,7 +146,7 @@ def test_kiq_carries_the_context_and_the_task_runs_bound_to_it(tasks: Any) -> No
     task_id, got, sync, bare = run(main, tasks)
     assert got == {"request_id": "r-tq", "tenant": "acme", "task_id": task_id}
     assert relayed(sync["fields"]) == {"request_id": "r-tq", "tenant": "acme"}
-    assert set(bare) == {"task_id"}
+    assert set(fresh(bare)) == {"task_id"}
 
 
 def test_200_concurrent_tasks_each_see_only_their_own_context(tasks: Any) -> None:
@@ -173,7 +186,8 @@ def test_failures_timeouts_and_leaks_leave_nothing_for_the_next_task(tasks: Any)
     assert leaked == {"request_id": "r-leak", "user": "leaked"}
     assert "failed in r-fail" in failed
     assert timed_out == "TimeoutError"
-    assert all(set(fields) == {"task_id"} for fields in after)
+    assert all(set(fresh(fields)) == {"task_id"} for fields in after)
+    assert len({fields["request_id"] for fields in after}) == len(after)  # each its own
 
 
 def test_retried_child_and_scheduled_tasks_keep_the_context(tasks: Any, tmp_path: Path) -> None:
@@ -433,7 +447,8 @@ def test_a_bad_context_runs_the_task_with_an_empty_one_and_a_log_line(
             await bare.shutdown()
 
     got, after = run(main, tasks)
-    assert got == {"task_id": task_id}
+    # None of the refused context: a fresh request id, made by the worker.
+    assert fresh(got) == {"task_id": task_id}
     assert relayed(after) == {"request_id": "r-after-bad"}  # the worker keeps serving
 
     def logged() -> bool:

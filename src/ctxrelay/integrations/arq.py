@@ -43,6 +43,12 @@ What each piece does:
 * A retried job (``Retry``, a job cancelled by shutdown and run again) and a
   deferred one (``_defer_by``, ``_defer_until``) are the same stored job:
   the same context.
+* A job that arrives without a request id -- enqueued without
+  :func:`install`, by a cron job, or whose context was refused -- runs with
+  a fresh one, made as the web door makes one (``generator=``, else
+  ``settings.CTXRELAY["generator"]`` under Django, else a random id), so its
+  log lines still belong together.  arq stores the job once: each try of
+  such a job gets its own id.  ``generate_id=False`` turns this off.
 
 Deadlines (``ctxrelay.deadline``, a door's ``timeout=``): a job enqueued
 while a deadline is bound
@@ -88,6 +94,8 @@ except ImportError as exc:  # without the extra installed (make dist checks it)
 from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
 from .._context import Context, current, enter, leave, narrowed, read_current
 from .._deadline import deadline_of, expired, remaining_ms
+from .._inbound import RequestIdGenerator
+from ._worker_id import FreshIds
 
 __all__ = ["JOB_ID", "KEY", "Signer", "install", "install_worker"]
 
@@ -151,8 +159,14 @@ def install(
 
     Idempotent (installing again only changes the secret).  ``secret`` (one,
     or several to rotate; at least 16 bytes) signs it: use the same one in
-    :func:`install_worker`.
+    :func:`install_worker`.  Raises ``TypeError`` when ``redis`` is not an
+    ``ArqRedis`` (what ``arq.create_pool`` returns).
     """
+    if not isinstance(redis, ArqRedis):
+        raise TypeError(
+            "ctxrelay.integrations.arq.install() takes the pool arq.create_pool() returns "
+            f"(arq.connections.ArqRedis), not {type(redis).__name__}"
+        )
     state = vars(redis).get("_ctxrelay")
     if isinstance(state, _Installed):
         state.signer = as_signer(secret)
@@ -293,6 +307,8 @@ def install_worker(
     settings: SettingsT | None = None,
     *,
     secret: Signer | Secret | Sequence[Secret] | None = None,
+    generate_id: bool = True,
+    generator: RequestIdGenerator | None = None,
 ) -> Any:
     """Relay the context into the jobs of a worker configured by ``settings``.
 
@@ -304,15 +320,32 @@ def install_worker(
     ``job_deserializer`` keep working: ctxrelay's wrap them.  Each of
     ``functions`` is wrapped so that a job whose deadline passed before it
     started is not run (see the module docs).
+
+    ``generate_id``: a job that arrives without a request id runs with a
+    fresh one (``False``: with none).  ``generator``: what makes it (called
+    with no argument, returns a ``str``); by default the one of
+    ``settings.CTXRELAY`` under Django, else a random id.  Raises
+    ``TypeError`` when ``settings`` is neither a class nor a dict, or an
+    option has the wrong type.
     """
+    ids = FreshIds(generate_id, generator, owner="ctxrelay.integrations.arq.install_worker()")
     if settings is None:
-        return lambda later: install_worker(later, secret=secret)
+        return lambda later: install_worker(
+            later, secret=secret, generate_id=generate_id, generator=generator
+        )
+    if not isinstance(settings, (type, dict)):
+        raise TypeError(
+            "ctxrelay.integrations.arq.install_worker() takes a WorkerSettings class or the "
+            f"keyword dict of Worker(**settings), not {type(settings).__name__}"
+        )
     signer = as_signer(secret)
     on_job_start = _get(settings, "on_job_start")
     if getattr(on_job_start, "_ctxrelay", False):
-        on_job_start._ctxrelay_signer[0] = signer  # installed already: a new secret
+        on_job_start._ctxrelay_signer[0] = signer  # installed already: new options
+        on_job_start._ctxrelay_ids[0] = ids
         return settings
     signers: list[Signer | None] = [signer]
+    fresh: list[FreshIds] = [ids]
     base: Deserializer = _get(settings, "job_deserializer") or pickle.loads
     user_startup: Hook | None = _get(settings, "on_startup")
     user_start: Hook | None = on_job_start
@@ -332,7 +365,8 @@ def install_worker(
             function, enqueued, carrier = await _carried(ctx, base)
             source = f"arq job {str(job_id)[:100]!r}"
             restored = restore(carrier, binding(function, job_id), signers[0], source=source)
-            restored = _queued_time_out(restored, enqueued)
+            # Enqueued without ctxrelay, by cron, or refused: a fresh id.
+            restored = fresh[0].completed(_queued_time_out(restored, enqueued))
             ctx[_TOKEN] = enter(with_local(restored, {JOB_ID: job_id}))
         except Exception:
             _log.exception("ctxrelay: could not bind the context of arq job %r", job_id)
@@ -350,6 +384,7 @@ def install_worker(
 
     job_start._ctxrelay = True  # type: ignore[attr-defined]
     job_start._ctxrelay_signer = signers  # type: ignore[attr-defined]
+    job_start._ctxrelay_ids = fresh  # type: ignore[attr-defined]
     _set(settings, "functions", _guard_functions(_get(settings, "functions") or ()))
     _set(settings, "job_deserializer", _reading(base))
     _set(settings, "on_startup", startup)

@@ -84,8 +84,18 @@ while a deadline is bound
   in the task is smaller than what the publisher had; ``checkpoint()`` stops
   a task whose deadline passes while it runs.
 
+A task that arrives without a request id -- from celery beat, a script or a
+producer without ctxrelay, or whose context was refused (a bad signature, a
+malformed carrier) -- runs with a fresh one, made as the web door makes one
+(``generator=``, else ``settings.CTXRELAY["generator"]`` under Django, else
+a random id; see :mod:`ctxrelay.integrations._worker_id`), so its log lines
+still belong together.  A retry is published from inside the task: it
+carries that id.  ``generate_id=False`` turns this off.  An eager task keeps
+its caller's context as it is.
+
 The publish signal does not say which app publishes, so one process has one
-configuration: every installed app must use the same secret.
+configuration: every installed app must use the same secret.  The worker
+knows which app runs a task: ``generate_id`` and ``generator`` are per app.
 """
 
 from __future__ import annotations
@@ -118,6 +128,8 @@ from .._carrier import (
 )
 from .._context import Context, begin, current, enter, leave, narrowed, use
 from .._deadline import deadline_of, remaining_ms
+from .._inbound import RequestIdGenerator
+from ._worker_id import FreshIds
 
 __all__ = ["KEY", "TASK_ID", "TASK_PARENT_ID", "TASK_ROOT_ID", "Signer", "install", "uninstall"]
 
@@ -143,7 +155,8 @@ class _Installed:
     __slots__ = ("apps", "signer")
 
     def __init__(self, signer: Signer | None) -> None:
-        self.apps: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: Every installed app, and how its tasks get an id they lack.
+        self.apps: weakref.WeakKeyDictionary[Any, FreshIds] = weakref.WeakKeyDictionary()
         self.signer = signer
 
 
@@ -151,15 +164,33 @@ _state: _Installed | None = None
 _lock = threading.Lock()
 
 
-def install(app: Celery, *, secret: Signer | Secret | Sequence[Secret] | None = None) -> None:
-    """Relay the context through ``app``'s task messages.  Idempotent.
+def install(
+    app: Celery,
+    *,
+    secret: Signer | Secret | Sequence[Secret] | None = None,
+    generate_id: bool = True,
+    generator: RequestIdGenerator | None = None,
+) -> None:
+    """Relay the context through ``app``'s task messages.  Idempotent
+    (installing again changes the options).
 
     Call it where the app is defined, so that publishers and workers both run
     it.  ``secret`` (one, or several to rotate; at least 16 bytes) signs the
     carried context; workers then refuse contexts without a valid signature.
     Raises ``ValueError`` if another installed app uses a different secret.
+
+    ``generate_id``: a task that arrives without a request id runs with a
+    fresh one (``False``: with none).  ``generator``: what makes it (called
+    with no argument, returns a ``str``); by default the one of
+    ``settings.CTXRELAY`` under Django, else a random id.  A generator that
+    fails or returns an invalid id is replaced by a random id, with a warning.
+
+    Raises ``TypeError`` when ``app`` is not a Celery app or an option has
+    the wrong type.
     """
     global _state
+    _check_app(app, "install")
+    ids = FreshIds(generate_id, generator, owner="ctxrelay.integrations.celery.install()")
     signer = as_signer(secret)
     with _lock:
         if _state is not None and _keys(_state.signer) != _keys(signer):
@@ -171,20 +202,33 @@ def install(app: Celery, *, secret: Signer | Secret | Sequence[Secret] | None = 
         if _state is None:
             _state = _Installed(signer)
             _connect()
-        _state.apps.add(app)
+        _state.apps[app] = ids
 
 
 def uninstall(app: Celery) -> None:
     """Stop relaying through ``app``; publishing and binding stop when no app
-    is left (the reset after a task stays, for tasks bound before).  Idempotent."""
+    is left (the reset after a task stays, for tasks bound before).  Idempotent.
+
+    Raises ``TypeError`` when ``app`` is not a Celery app."""
     global _state
+    _check_app(app, "uninstall")
     with _lock:
         if _state is None:
             return
-        _state.apps.discard(app)
+        _state.apps.pop(app, None)
         if not _state.apps:
             _state = None
             _disconnect()
+
+
+def _check_app(app: object, what: str) -> None:
+    # Checked first: None once said "every installed app must use the same
+    # secret", a str "cannot create weak reference to 'str' object".
+    if not isinstance(app, Celery):
+        raise TypeError(
+            f"ctxrelay.integrations.celery.{what}() takes a Celery app (celery.Celery), "
+            f"not {type(app).__name__}"
+        )
 
 
 def _keys(signer: Signer | None) -> tuple[bytes, ...]:
@@ -305,7 +349,7 @@ def _queued_time_out(request: Any, ctx: Context) -> Context:
     return narrowed(ctx, monotonic() + left)
 
 
-def _context_for(task: Any, state: _Installed) -> Context:
+def _context_for(task: Any, state: _Installed, ids: FreshIds) -> Context:
     request = task.request
     if request.is_eager:
         # celery #1874: no message was published; the caller's context is
@@ -314,9 +358,10 @@ def _context_for(task: Any, state: _Installed) -> Context:
     else:
         source = f"task {str(task.name)[:100]!r} id {str(request.id)[:100]!r}"
         bound_to = binding(task.name or "", request.id or "")
-        base = _queued_time_out(
-            request, restore(_carried(request), bound_to, state.signer, source=source)
-        )
+        restored = restore(_carried(request), bound_to, state.signer, source=source)
+        # A task from beat, a script, a producer without ctxrelay, or whose
+        # context was refused: a fresh id, so its lines still correlate.
+        base = ids.completed(_queued_time_out(request, restored))
     return with_local(
         base,
         {TASK_ID: request.id, TASK_PARENT_ID: request.parent_id, TASK_ROOT_ID: request.root_id},
@@ -328,10 +373,11 @@ def _on_prerun(sender: object = None, task: Any = None, **_: Any) -> None:
     if state is None or task is None:
         return
     try:
-        if task.app not in state.apps:
+        ids = state.apps.get(task.app)
+        if ids is None:
             return
         request = task.request
-        ctx = _context_for(task, state)
+        ctx = _context_for(task, state, ids)
         # An eager task runs inside its caller's context on purpose: only a
         # worker's task is a unit of work that must start clean.
         start = enter if getattr(request, "is_eager", False) else begin

@@ -34,6 +34,15 @@ with the secret runs a message whose context is unsigned or tampered with an
 empty context and logs an error.  Malformed or oversized contexts run with
 an empty one and a warning.
 
+A message that arrives without a request id -- sent without this
+middleware, by a script or a scheduler, or whose context was refused -- runs
+with a fresh one, made as the web door makes one (``generator=``, else
+``settings.CTXRELAY["generator"]`` under Django, else a random id), so its
+log lines still belong together.  The worker writes that id into the
+message's options, so a retry carries it (a message redelivered after its
+worker died was never re-sent: it gets another).  ``generate_id=False``
+turns this off.
+
 Deadlines: a message sent while a deadline is bound gets Dramatiq's
 ``max_age`` option set to the milliseconds left (never longer than the
 message's or the actor's own ``max_age``), so even a worker without this
@@ -67,8 +76,10 @@ except ImportError as exc:  # without the extra installed (make dist checks it)
     ) from exc
 
 from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
-from .._context import Context, begin, current, leave, narrowed
+from .._context import REQUEST_ID, Context, begin, current, leave, narrowed
 from .._deadline import deadline_of, expired, remaining_ms
+from .._inbound import RequestIdGenerator
+from ._worker_id import FreshIds
 
 __all__ = ["MESSAGE_ID", "ContextMiddleware", "Signer", "install", "uninstall"]
 
@@ -84,8 +95,17 @@ class ContextMiddleware(Middleware):
     Prefer :func:`install`, which puts it first in the broker's list.
     """
 
-    def __init__(self, *, secret: Signer | Secret | Sequence[Secret] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        secret: Signer | Secret | Sequence[Secret] | None = None,
+        generate_id: bool = True,
+        generator: RequestIdGenerator | None = None,
+    ) -> None:
         self.signer = as_signer(secret)
+        self.ids = FreshIds(
+            generate_id, generator, owner="ctxrelay.integrations.dramatiq.ContextMiddleware()"
+        )
         # Worker threads process one message at a time: a per-thread stack of
         # (message id, token) is enough, and exact.
         self._local = threading.local()
@@ -117,10 +137,14 @@ class ContextMiddleware(Middleware):
             source = f"Dramatiq message {str(message_id)[:100]!r}"
             carried = message.options.get(KEY)
             bound_to = binding(message.actor_name, message_id)
-            ctx = _queued_time_out(message, restore(carried, bound_to, self.signer, source=source))
-            ctx = with_local(ctx, {MESSAGE_ID: message_id})
+            restored = _queued_time_out(
+                message, restore(carried, bound_to, self.signer, source=source)
+            )
+            ctx = with_local(self.ids.completed(restored), {MESSAGE_ID: message_id})
             token = begin(ctx)
             self._tokens().append((message_id, token))
+            if REQUEST_ID not in restored and REQUEST_ID in ctx:
+                self._keep_for_retries(message, bound_to)
         except Exception:
             _log.exception("ctxrelay: could not bind the context of a Dramatiq message")
             return
@@ -130,6 +154,21 @@ class ContextMiddleware(Middleware):
             _log.warning("ctxrelay: %s not run: its deadline passed before it started", source)
             message.fail()
             raise SkipMessage("its deadline passed")
+
+    def _keep_for_retries(self, message: MessageProxy, bound_to: str) -> None:
+        """The id made for this message goes into its options, signed: a
+        retry is this message enqueued again, options and all."""
+        if deadline_of(current()) is not None:
+            # Re-read later against the first send's timestamp: written now,
+            # the time already spent would count twice.  A retry of a
+            # message that carried a deadline but no id gets another id.
+            return
+        try:
+            carrier = capture(bound_to, self.signer)
+            if carrier:
+                message.options[KEY] = carrier
+        except Exception:
+            _log.exception("ctxrelay: could not record the request id of a Dramatiq message")
 
     def after_process_message(
         self,
@@ -185,17 +224,29 @@ def _queued_time_out(message: MessageProxy, ctx: Context) -> Context:
 
 
 def install(
-    broker: Broker, *, secret: Signer | Secret | Sequence[Secret] | None = None
+    broker: Broker,
+    *,
+    secret: Signer | Secret | Sequence[Secret] | None = None,
+    generate_id: bool = True,
+    generator: RequestIdGenerator | None = None,
 ) -> ContextMiddleware:
     """Put a :class:`ContextMiddleware` first in ``broker``'s middleware.
 
-    Idempotent: an installed one is kept, with ``secret`` as its new secret.
+    Idempotent: an installed one is kept, with the options given as its new
+    ones.  ``generate_id`` and ``generator``: a message that arrives without
+    a request id runs with a fresh one (see the module docs).  Raises
+    ``TypeError`` when ``broker`` is not a Dramatiq broker or an option has
+    the wrong type.
     """
+    _check_broker(broker, "install")
+    ids = FreshIds(generate_id, generator, owner="ctxrelay.integrations.dramatiq.install()")
+    signer = as_signer(secret)
     for existing in broker.middleware:
         if isinstance(existing, ContextMiddleware):
-            existing.signer = as_signer(secret)
+            existing.signer = signer
+            existing.ids = ids
             return existing
-    middleware = ContextMiddleware(secret=secret)
+    middleware = ContextMiddleware(secret=signer, generate_id=generate_id, generator=generator)
     if broker.middleware:
         broker.add_middleware(middleware, before=type(broker.middleware[0]))
     else:
@@ -204,8 +255,19 @@ def install(
 
 
 def uninstall(broker: Broker) -> None:
-    """Remove every :class:`ContextMiddleware` from ``broker``.  Idempotent."""
+    """Remove every :class:`ContextMiddleware` from ``broker``.  Idempotent.
+
+    Raises ``TypeError`` when ``broker`` is not a Dramatiq broker."""
+    _check_broker(broker, "uninstall")
     broker.middleware[:] = [m for m in broker.middleware if not isinstance(m, ContextMiddleware)]
+
+
+def _check_broker(broker: object, what: str) -> None:
+    if not isinstance(broker, Broker):
+        raise TypeError(
+            f"ctxrelay.integrations.dramatiq.{what}() takes a Dramatiq broker "
+            f"(dramatiq.Broker), not {type(broker).__name__}"
+        )
 
 
 def __getattr__(name: str) -> object:

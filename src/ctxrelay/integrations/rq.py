@@ -33,6 +33,14 @@ it on both sides (``job_class=`` and ``--job-class``); the worker then runs a
 job whose context is unsigned or tampered with an empty context and logs an
 error.  Malformed or oversized contexts run with an empty one and a warning.
 
+A job that arrives without a request id -- enqueued without ``RelayJob``,
+by a scheduler, or whose context was refused -- runs with a fresh one, made
+as the web door makes one (``RelayJob.generator``, else
+``settings.CTXRELAY["generator"]`` under Django, else a random id), so its
+log lines still belong together.  The worker writes it into ``job.meta``,
+signed, so a retry runs with the same id.  ``generate_id = False`` on a
+``RelayJob`` subclass turns this off.
+
 Deadlines: a job created while a deadline is bound gets RQ's ``ttl`` (the
 time it may wait in the queue) set to the seconds left, rounded up, never
 longer than the ``ttl`` the caller gave -- so Redis drops a job nobody ran in
@@ -65,6 +73,8 @@ except ImportError as exc:  # without the extra installed (make dist checks it)
 from .._carrier import KEY, Signer, binding, capture, restore, with_local
 from .._context import Context, begin, current, leave, narrowed, read_current, use
 from .._deadline import deadline_of, expired, remaining_ms
+from .._inbound import RequestIdGenerator
+from ._worker_id import FreshIds
 
 #: The RQ releases this module works with (each tested by ``make test-matrix``).
 SUPPORTED = "rq 1.16 to 3.x"
@@ -105,11 +115,35 @@ _bound_job: ContextVar[str | None] = ContextVar("ctxrelay.rq.job", default=None)
 class RelayJob(Job):
     """A ``Job`` that carries the context of the code that created it.
 
-    ``signer``: set it in a subclass (``signer = Signer(secret)``) to sign the
-    carried context and refuse unsigned or tampered ones.
+    Set these in a subclass (they are checked when it is defined: a wrong
+    type raises ``TypeError`` there):
+
+    ``signer``
+        ``Signer(secret)`` signs the carried context and refuses unsigned or
+        tampered ones.
+    ``generate_id``
+        A job that arrives without a request id (enqueued without
+        ``RelayJob``, by a scheduler, or whose context was refused) runs
+        with a fresh one; ``False``: with none.
+    ``generator``
+        What makes that id (called with no argument, returns a ``str``); by
+        default the one of ``settings.CTXRELAY`` under Django, else a
+        random id.  Write ``generator = staticmethod(new_id)``, or a plain
+        function (it is read from the class, never bound to the job).
     """
 
     signer: ClassVar[Signer | None] = None
+    generate_id: ClassVar[bool] = True
+    generator: ClassVar[RequestIdGenerator | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.signer is not None and not isinstance(cls.signer, Signer):
+            raise TypeError(
+                f"{cls.__qualname__}.signer must be a ctxrelay Signer (Signer(secret)) "
+                f"or None, not {type(cls.signer).__name__}"
+            )
+        _fresh_ids(cls)  # checks generate_id and generator now, at definition
 
     @classmethod
     def create(cls, *args: Any, **kwargs: Any) -> Job:
@@ -127,12 +161,31 @@ class RelayJob(Job):
         return job
 
     def relayed_context(self) -> Context:
-        """The context to run this job in: its carried one, plus ``job_id``."""
+        """The context to run this job in: its carried one (with a fresh
+        request id if it has none), plus ``job_id``."""
         source = f"RQ job {str(self.id)[:100]!r}"
         carried = self.meta.get(KEY) if isinstance(self.meta, dict) else None
         bound_to = binding(self.func_name, self.id)
-        ctx = self._queued_time_out(restore(carried, bound_to, self.signer, source=source))
+        restored = self._queued_time_out(restore(carried, bound_to, self.signer, source=source))
+        ctx = _fresh_ids(type(self)).completed(restored)
+        if ctx is not restored:
+            self._keep_for_retries(ctx, bound_to)
         return with_local(ctx, {JOB_ID: self.id})
+
+    def _keep_for_retries(self, ctx: Context, bound_to: str) -> None:
+        # A retry (Retry(max=...)) is this job saved and enqueued again, meta
+        # and all: the id made now goes into its meta, signed, so the retry
+        # runs with it.  Not under a deadline: re-read against created_at,
+        # the time already spent would count twice.
+        if deadline_of(ctx) is not None or not isinstance(self.meta, dict):
+            return
+        try:
+            with use(ctx):
+                carrier = capture(bound_to, self.signer)
+            if carrier:
+                self.meta[KEY] = carrier
+        except Exception:
+            _log.exception("ctxrelay: could not record the request id of RQ job %r", self.id)
 
     def _queued_time_out(self, ctx: Context) -> Context:
         # The carried remaining time is re-read at receipt: without this a
@@ -168,11 +221,23 @@ class RelayJob(Job):
             raise error
 
 
+def _fresh_ids(cls: type[RelayJob]) -> FreshIds:
+    """How jobs of ``cls`` get an id they lack, made once per configuration."""
+    config = (cls.generate_id, cls.generator)
+    known = cls.__dict__.get("_ctxrelay_ids")
+    if isinstance(known, FreshIds) and known.config == config:
+        return known
+    made = FreshIds(*config, owner=f"ctxrelay.integrations.rq: {cls.__qualname__}")
+    cls._ctxrelay_ids = made  # type: ignore[attr-defined]
+    return made
+
+
 def _context_of(job: Job) -> Context:
     if isinstance(job, RelayJob):
         return job.relayed_context()
-    # A plain Job (created without RelayJob): no carried context.
-    return with_local(Context(), {JOB_ID: job.id})
+    # A plain Job (a worker whose job_class is not a RelayJob): no carried
+    # context; a fresh id as RelayJob's defaults say.
+    return with_local(_fresh_ids(RelayJob).completed(Context()), {JOB_ID: job.id})
 
 
 class RelayWorkerMixin:

@@ -36,6 +36,12 @@ middlewares, in the sender and in the worker::
   (``schedule_by_time``) is kicked later, by the scheduler process, outside
   any context: :func:`carry` puts the context on the kicker when you
   schedule it.
+* A task that arrives without a request id -- kicked without this
+  middleware, by the scheduler, or whose context was refused -- runs with
+  a fresh one, made as the web door makes one (``generator=``, else
+  ``settings.CTXRELAY["generator"]`` under Django, else a random id), so
+  its log lines still belong together; a retry carries it.
+  ``generate_id=False`` turns this off.
 * Sync tasks run in taskiq's thread pool with a copy of the task's context
   (taskiq copies it): they see it too.  A process-pool executor
   (``--use-process-pool``) calls them without any context.
@@ -83,6 +89,8 @@ except ImportError as exc:  # without the extra installed (make dist checks it)
 from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
 from .._context import Context, current, enter, leave, narrowed, read_current
 from .._deadline import deadline_of, expired, remaining, remaining_ms
+from .._inbound import RequestIdGenerator
+from ._worker_id import FreshIds
 
 __all__ = ["KEY", "TASK_ID", "ContextMiddleware", "Signer", "carry", "install", "uninstall"]
 
@@ -243,9 +251,18 @@ class ContextMiddleware(TaskiqMiddleware):
     Prefer :func:`install`, which puts it first in the broker's list.
     """
 
-    def __init__(self, *, secret: Signer | Secret | Sequence[Secret] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        secret: Signer | Secret | Sequence[Secret] | None = None,
+        generate_id: bool = True,
+        generator: RequestIdGenerator | None = None,
+    ) -> None:
         super().__init__()
         self.signer = as_signer(secret)
+        self.ids = FreshIds(
+            generate_id, generator, owner="ctxrelay.integrations.taskiq.ContextMiddleware()"
+        )
 
     def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         """Write the current context into ``message.labels["ctxrelay"]``."""
@@ -278,7 +295,8 @@ class ContextMiddleware(TaskiqMiddleware):
             restored = restore(
                 carrier, binding(message.task_name, task_id), self.signer, source=source
             )
-            restored = _queued_time_out(restored, instant)
+            # Kicked without ctxrelay, by a scheduler, or refused: a fresh id.
+            restored = self.ids.completed(_queued_time_out(restored, instant))
             token = enter(with_local(restored, {TASK_ID: task_id}))
             _bound.set((*_bound.get(), (task_id, token)))
         except Exception:
@@ -311,32 +329,55 @@ class ContextMiddleware(TaskiqMiddleware):
 
 
 def install(
-    broker: AsyncBroker, *, secret: Signer | Secret | Sequence[Secret] | None = None
+    broker: AsyncBroker,
+    *,
+    secret: Signer | Secret | Sequence[Secret] | None = None,
+    generate_id: bool = True,
+    generator: RequestIdGenerator | None = None,
 ) -> ContextMiddleware:
     """Put a :class:`ContextMiddleware` first in ``broker``'s middlewares,
     and make ``broker.find_task`` hand out tasks whose functions refuse to
     run once their deadline passed (see the module docs).
 
-    Idempotent: an installed one is kept, with ``secret`` as its new secret.
+    Idempotent: an installed one is kept, with the options given as its new
+    ones.  ``generate_id`` and ``generator``: a task that arrives without a
+    request id runs with a fresh one (see the module docs).  Raises
+    ``TypeError`` when ``broker`` is not a taskiq broker or an option has
+    the wrong type.
     """
+    _check_broker(broker, "install")
+    ids = FreshIds(generate_id, generator, owner="ctxrelay.integrations.taskiq.install()")
+    signer = as_signer(secret)
     if not isinstance(vars(broker).get("find_task"), _Guarding):
         broker.find_task = _Guarding(broker.find_task)  # type: ignore[method-assign]
     for existing in broker.middlewares:
         if isinstance(existing, ContextMiddleware):
-            existing.signer = as_signer(secret)
+            existing.signer = signer
+            existing.ids = ids
             return existing
-    middleware = ContextMiddleware(secret=secret)
+    middleware = ContextMiddleware(secret=signer, generate_id=generate_id, generator=generator)
     middleware.set_broker(broker)
     broker.middlewares.insert(0, middleware)
     return middleware
 
 
 def uninstall(broker: AsyncBroker) -> None:
-    """Remove every :class:`ContextMiddleware` from ``broker``.  Idempotent."""
+    """Remove every :class:`ContextMiddleware` from ``broker``.  Idempotent.
+
+    Raises ``TypeError`` when ``broker`` is not a taskiq broker."""
+    _check_broker(broker, "uninstall")
     broker.middlewares[:] = [m for m in broker.middlewares if not isinstance(m, ContextMiddleware)]
     guarding = vars(broker).get("find_task")
     if isinstance(guarding, _Guarding):
         broker.find_task = guarding.find  # type: ignore[method-assign,assignment]
+
+
+def _check_broker(broker: object, what: str) -> None:
+    if not isinstance(broker, AsyncBroker):
+        raise TypeError(
+            f"ctxrelay.integrations.taskiq.{what}() takes a taskiq broker "
+            f"(taskiq.AsyncBroker), not {type(broker).__name__}"
+        )
 
 
 def carry(kicker: KickerT) -> KickerT:
