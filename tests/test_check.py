@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxrelay.check import RULES, Config, check_paths, main
+from ctxrelay.check import RULES, Config, ConfigError, _run, check_paths, main
 
 SCRIPTS = Path(sys.executable).parent
 
@@ -643,7 +643,18 @@ def test_select_and_ignore(tmp_path: Path) -> None:
     assert codes(tmp_path, source, Config(select=("CTX301",))) == ["CTX301"]
 
 
-def test_pyproject_section_is_found_walking_up(tmp_path: Path) -> None:
+@pytest.fixture(params=["parser", "own-reader"])
+def toml_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each configuration test twice: with the TOML parser (tomllib, or tomli on 3.10)
+    and with the reader Python 3.10 falls back to when tomli is not installed."""
+    if request.param == "own-reader":
+        monkeypatch.setattr(_run, "_toml_module", lambda: None)
+    elif _run._toml_module() is None:
+        pytest.skip("no TOML parser here (Python 3.10 without tomli)")
+    return str(request.param)
+
+
+def test_pyproject_section_is_found_walking_up(tmp_path: Path, toml_reader: str) -> None:
     (tmp_path / "pyproject.toml").write_text(
         '[project]\nname = "x"\n\n[tool.ctxrelay]\nignore = ["CTX3"]\n'
         'exclude = ["generated"]\nassume-instrument = false\n'
@@ -668,11 +679,21 @@ def test_pyproject_section_is_found_walking_up(tmp_path: Path) -> None:
         "[tool.ctxrelay]\nassume-instrument = 'yes'\n",
         "[tool.ctxrelay]\nignore = 3\n",
         "[tool.ctxrelay\n",
+        '[project]\nname = "x\n[tool.ctxrelay]\n',
+        "[tool.ctxrelay.extra]\nx = 1\n",
     ],
-    ids=["unknown-key", "unknown-code", "not-a-bool", "not-a-list", "bad-toml"],
+    ids=[
+        "unknown-key",
+        "unknown-code",
+        "not-a-bool",
+        "not-a-list",
+        "bad-toml",
+        "bad-toml-elsewhere",
+        "sub-table",
+    ],
 )
 def test_bad_configuration_is_a_usage_error(
-    tmp_path: Path, section: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, section: str, capsys: pytest.CaptureFixture[str], toml_reader: str
 ) -> None:
     (tmp_path / "pyproject.toml").write_text(section)
     (tmp_path / "mod.py").write_text("x = 1\n")
@@ -840,16 +861,99 @@ def test_pre_commit_hook_definition() -> None:
     assert "types: [python]" in text
 
 
-def test_the_python_3_10_toml_reader_agrees_with_tomllib(tmp_path: Path) -> None:
-    import tomllib
+# -- [tool.ctxrelay] without tomllib: Python 3.10's own reader ----------------------------
+#
+# On 3.10, ctxrelay reads pyproject.toml with tomli when it is installed, and with a
+# small reader of its own when not (ctxrelay has no dependency).  Every case below is
+# checked against that reader, and against the real parser where one is importable
+# (tomllib on 3.11+, tomli on 3.10): they must agree.
 
-    from ctxrelay.check._run import _mini_toml
+REAL_TOML = _run._toml_module()
+THIS_PYPROJECT = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
 
-    text = (
+READABLE = {
+    "ours, with comments and a list over lines": (
         '[project]\nname = "x"\n\n[tool.ctxrelay]  # ours\n'
         'select = [\n  "CTX1",  # in-process\n  "CTX2",\n]\n'
         "ignore = ['CTX104']\nexclude = [\"untrue#not-a-comment\"]\n"
-        "assume-instrument = true\n\n[tool.other]\nselect = 1\n"
-    )
-    ours = _mini_toml(text, tmp_path / "pyproject.toml")["tool"]["ctxrelay"]
-    assert ours == tomllib.loads(text)["tool"]["ctxrelay"]
+        "assume-instrument = true\n\n[tool.other]\nselect = 1\n",
+        {
+            "select": ["CTX1", "CTX2"],
+            "ignore": ["CTX104"],
+            "exclude": ["untrue#not-a-comment"],
+            "assume-instrument": True,
+        },
+    ),
+    "this project's own pyproject.toml, and ours after it": (
+        THIS_PYPROJECT + '\n[ tool . "ctxrelay" ]\nexclude = ["a\\"b", \'c\\d\']\n',
+        {"exclude": ['a"b', "c\\d"]},
+    ),
+    "brackets, hashes and headers inside strings and nested lists": (
+        'readme = """\n[tool.ctxrelay]\nselect = 1  # not a comment\n"""\n'
+        "raw = '''\n[not a table\n'''\n"
+        "matrix = [\n  [1, 2],\n  [\n    3,\n  ],\n]\n"
+        'inline = { a = "[", b = { c = "]" } }\n'
+        'dotted.key = "x"\n"quoted key" = true\n\n[[tool.many]]\nx = 1\n'
+        "[tool.ctxrelay]\nassume-instrument = false\n",
+        {"assume-instrument": False},
+    ),
+    "strings: escapes, literal and multi-line": (
+        "\n".join(
+            [
+                "[tool.ctxrelay]",
+                "exclude = [",
+                r'  "caf\u00e9\t\\x",',
+                r"  'C:\gen\',",
+                "  '''\none\ntwo''',",
+                '  """\nsrc/\\\n    gen""",',
+                "]",
+            ]
+        ),
+        {"exclude": ["caf\u00e9\t\\x", "C:\\gen\\", "one\ntwo", "src/gen"]},
+    ),
+    "no section of ours": ('[project]\nname = "x"\n', None),
+    "an empty file": ("", None),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), list(READABLE.values()), ids=list(READABLE))
+def test_the_python_3_10_reader_reads_what_tomllib_reads(
+    tmp_path: Path, text: str, expected: dict[str, object] | None
+) -> None:
+    ours = _run._mini_toml(text, tmp_path / "pyproject.toml").get("tool", {}).get("ctxrelay")
+    assert ours == expected
+    if REAL_TOML is not None:
+        assert REAL_TOML.loads(text).get("tool", {}).get("ctxrelay") == expected
+
+
+UNREADABLE = {
+    "a header not closed": "[tool.ctxrelay\n",
+    "a bracket closing nothing": "[tool.x]]\n",
+    "a string not closed": '[project]\nname = "x\n',
+    "a multi-line string not closed": "[project]\nreadme = '''x\n",
+    "a list not closed": "[project]\ndeps = [\n  'a',\n",
+    "a line that is not key = value": "[project]\njust words\n",
+    "a key with no value": "[tool.ctxrelay]\nselect =\n",
+    "an option set twice": "[tool.ctxrelay]\nselect = ['CTX1']\nselect = ['CTX2']\n",
+    "our table twice": "[tool.ctxrelay]\n[tool.ctxrelay]\n",
+    "a bad value of ours": "[tool.ctxrelay]\nselect = [CTX1]\n",
+    "an unknown escape": '[project]\nname = "a\\d"\n',
+}
+
+
+@pytest.mark.parametrize("text", list(UNREADABLE.values()), ids=list(UNREADABLE))
+def test_the_python_3_10_reader_refuses_what_tomllib_refuses(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match=r"pyproject\.toml:\d+: "):
+        _run._mini_toml(text, tmp_path / "pyproject.toml")
+    if REAL_TOML is not None:
+        with pytest.raises(REAL_TOML.TOMLDecodeError):
+            REAL_TOML.loads(text)
+
+
+def test_the_python_3_10_reader_says_so_for_options_outside_a_table_of_ours(
+    tmp_path: Path,
+) -> None:
+    # Valid TOML that it does not read: it refuses, rather than ignore the options.
+    for text in ('[tool]\nctxrelay = { select = ["CTX1"] }\n', 'tool.ctxrelay.select = ["X"]\n'):
+        with pytest.raises(ConfigError, match=r"\[tool\.ctxrelay\] table only.*install tomli"):
+            _run._mini_toml(text, tmp_path / "pyproject.toml")

@@ -17,8 +17,8 @@ import pytest
 import ctxrelay
 from tests.conftest import Relay
 
-if TYPE_CHECKING:
-    from typing import assert_type
+if TYPE_CHECKING:  # typing.assert_type is 3.11+; the oldest supported Python is 3.10
+    from typing_extensions import assert_type
 
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("test_relay_var", default="unset")
 

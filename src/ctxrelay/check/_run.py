@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import gc
+import importlib
 import os
 import re
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from ._analyze import Finding, ModuleFacts, Pending, Project
@@ -105,76 +107,175 @@ def validate_codes(prefixes: Iterable[str], what: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _parse_toml(text: str, path: Path) -> dict[str, Any]:
+def _toml_module() -> ModuleType | None:
+    """The TOML parser: tomllib (3.11+), else tomli when installed, else None (3.10 alone)."""
     if sys.version_info >= (3, 11):
         import tomllib
 
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-    return _mini_toml(text, path)  # Python 3.10 (no tomllib)
+        return tomllib
+    try:  # the same parser, published for 3.10 (pytest and many tools install it)
+        return importlib.import_module("tomli")
+    except ImportError:
+        return None
 
 
-def _unquoted(text: str) -> str:
-    """TOML -> Python literal: drop a comment and spell true/false, outside strings."""
+def _parse_toml(text: str, path: Path) -> dict[str, Any]:
+    module = _toml_module()
+    if module is None:
+        return _mini_toml(text, path)  # Python 3.10 without tomli
+    try:
+        data: dict[str, Any] = module.loads(text)
+    except module.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return data
+
+
+# -- Python 3.10 without tomli: [tool.ctxrelay] and the file's structure ---------------
+#
+# ctxrelay has no dependency, and 3.10 has no tomllib.  This reader checks what
+# makes a TOML file readable at all -- strings closed, brackets balanced, table
+# headers and "key = value" lines well formed -- and reads the values of
+# [tool.ctxrelay] only (strings, lists of strings, booleans): a bad value in
+# another table goes unnoticed, as it does not change what the checker does.
+
+_KEY = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
+_DOTTED = rf"{_KEY}(?:[ \t]*\.[ \t]*{_KEY})*"
+_TABLE = re.compile(rf"\[[ \t]*({_DOTTED})[ \t]*\]|\[\[[ \t]*({_DOTTED})[ \t]*\]\]")
+_ASSIGN = re.compile(rf"({_DOTTED})[ \t]*=[ \t]*(.*)", re.DOTALL)
+_WORD = re.compile(r"[A-Za-z0-9_-]+")
+_TRIPLE = ('"""', "'''")
+_ESCAPE = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8})|(.))", re.DOTALL)
+_ESCAPES = {
+    "b": "\b",
+    "t": "\t",
+    "n": "\n",
+    "f": "\f",
+    "r": "\r",
+    '"': '"',
+    "\\": "\\",
+}
+
+
+def _keys(dotted: str) -> list[str]:
+    return [k.strip("\"'") for k in re.findall(_KEY, dotted)]
+
+
+def _string(text: str, i: int, where: str) -> tuple[str, int]:
+    """The TOML string that starts at ``text[i]``: its value, and the index past it."""
+    delimiter = text[i : i + 3] if text.startswith(_TRIPLE, i) else text[i]
+    basic = delimiter[0] == '"'
+    end = i + len(delimiter)
+    while not text.startswith(delimiter, end):
+        if end >= len(text) or (text[end] == "\n" and len(delimiter) == 1):
+            raise ConfigError(f"{where}: a string is not closed")
+        end += 2 if basic and text[end] == "\\" else 1
+    value = text[i + len(delimiter) : end]
+    if len(delimiter) == 3:  # a newline right after the opening quotes is not part of it
+        value = value.removeprefix("\r").removeprefix("\n")
+        if basic:  # a backslash at the end of a line joins it to the next
+            value = re.sub(r"\\[ \t]*\r?\n\s*", "", value)
+    if basic:
+        value = _ESCAPE.sub(lambda m: _unescape(m, where), value)
+    return value, end + len(delimiter)
+
+
+def _unescape(match: re.Match[str], where: str) -> str:
+    code = match.group(1) or match.group(2)
+    if code:
+        return chr(int(code, 16))
+    if match.group(3) in _ESCAPES:
+        return _ESCAPES[match.group(3)]
+    raise ConfigError(f"{where}: a string has the unknown escape \\{match.group(3)}")
+
+
+def _statements(text: str, path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, statement): comments dropped, strings and true/false spelled as
+    Python's, a statement joined over the lines its brackets or strings span."""
     out: list[str] = []
-    quote = ""
+    depth = 0
+    line = first = 1
     i = 0
     while i < len(text):
         char = text[i]
-        if quote:
-            out.append(char)
-            if char == "\\" and quote == '"' and i + 1 < len(text):
-                out.append(text[i + 1])
+        if char in "\"'":
+            value, after = _string(text, i, f"{path}:{line}")
+            out.append(repr(value))
+            line += text.count("\n", i, after)
+            i = after
+            continue
+        if char == "#":
+            while i < len(text) and text[i] != "\n":
                 i += 1
-            elif char == quote:
-                quote = ""
-        elif char in "\"'":
-            quote = char
-            out.append(char)
-        elif char == "#":
-            break
-        elif text.startswith("true", i) or text.startswith("false", i):
-            word = "true" if text.startswith("true", i) else "false"
-            out.append(word.capitalize())
-            i += len(word)
             continue
-        else:
-            out.append(char)
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError(f"{path}:{line}: {char!r} closes nothing")
+        elif char == "\n":
+            line += 1
+            if not depth:
+                yield first, "".join(out).strip()
+                out, first = [], line
+            char = " "
+        elif char.isalnum() or char in "_-":
+            word = _WORD.match(text, i)
+            char = word.group() if word else char
+            i += len(char) - 1
+            char = {"true": "True", "false": "False"}.get(char, char)
+        out.append(char)
         i += 1
-    return "".join(out).strip()
+    if depth:
+        raise ConfigError(f"{path}:{first}: a bracket is not closed")
+    yield first, "".join(out).strip()
 
 
-def _mini_toml(text: str, path: Path) -> dict[str, Any]:  # Python 3.10
-    """Just enough TOML for [tool.ctxrelay] on Python 3.10 (no tomllib there)."""
-    section: dict[str, Any] | None = None
-    result: dict[str, Any] = {}
-    pending = ""
-    for raw in text.splitlines():
-        line = _unquoted(raw)
-        if pending:
-            pending += " " + line
-            if pending.count("[") > pending.count("]"):
+def _mini_toml(text: str, path: Path) -> dict[str, Any]:  # Python 3.10 without tomli
+    """The file's [tool.ctxrelay] table, its structure checked (see above)."""
+    ours: dict[str, Any] | None = None
+    table: list[str] = []
+    in_ours = False
+    for number, statement in _statements(text, path):
+        if not statement:
+            continue
+        where = f"{path}:{number}"
+        if statement.startswith("["):
+            header = _TABLE.fullmatch(statement)
+            if header is None:
+                raise ConfigError(f"{where}: not a table header: {statement}")
+            table = _keys(header.group(1) or header.group(2))
+            in_ours = table == ["tool", "ctxrelay"] and header.group(1) is not None
+            if in_ours:
+                if ours is not None:
+                    raise ConfigError(f"{where}: [tool.ctxrelay] appears twice")
+                ours = {}
+            elif table[:2] == ["tool", "ctxrelay"]:  # a sub-table: an unknown key
+                ours = {} if ours is None else ours
+                ours.setdefault(table[2], {})
+            continue
+        assignment = _ASSIGN.fullmatch(statement)
+        if assignment is None:
+            raise ConfigError(f"{where}: expected key = value: {statement}")
+        key, value = _keys(assignment.group(1)), assignment.group(2).strip()
+        if not value:
+            raise ConfigError(f"{where}: {assignment.group(1)} has no value")
+        if in_ours and ours is not None:
+            if len(key) > 1:  # a dotted key: a table, which no option is
+                ours.setdefault(key[0], {})
                 continue
-            line, pending = pending, ""
-        if not line:
-            continue
-        if line.startswith("[") and "=" not in line:
-            in_ours = line.replace(" ", "") == "[tool.ctxrelay]"
-            section = result.setdefault("tool", {}).setdefault("ctxrelay", {}) if in_ours else None
-            continue
-        if section is None or "=" not in line:
-            continue
-        key, _, value = (part.strip() for part in line.partition("="))
-        if value.startswith("[") and value.count("[") > value.count("]"):
-            pending = f"{key} = {value}"
-            continue
-        try:
-            section[key.strip('"')] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise ConfigError(f"{path}: cannot read {key} = {value}") from None
-    return result
+            if key[0] in ours:
+                raise ConfigError(f"{where}: {key[0]} is set twice in [tool.ctxrelay]")
+            try:
+                ours[key[0]] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise ConfigError(f"{where}: cannot read {key[0]} = {value}") from None
+        elif (table + key)[:2] == ["tool", "ctxrelay"]:
+            raise ConfigError(
+                f"{where}: on Python 3.10 without tomli, ctxrelay reads its options from "
+                "a [tool.ctxrelay] table only: write them there (or install tomli)"
+            )
+    return {} if ours is None else {"tool": {"ctxrelay": ours}}
 
 
 def load_config(path: Path) -> Config | None:
