@@ -450,8 +450,9 @@ def dramatiq_worker(redis_url: str, **options: Any) -> Iterator[tuple[Any, str]]
     broker = untyped(url=redis_url)
     install(broker, secret=SECRET, **options)
     retry = {"max_retries": 1, "min_backoff": 10, "max_backoff": 50}
-    dramatiq.actor(job, broker=broker, queue_name=queue, actor_name="job", max_retries=0)
-    dramatiq.actor(fails_first, broker=broker, queue_name=queue, actor_name="retried", **retry)
+    actor: Any = dramatiq.actor  # its overloads do not take a function and options at once
+    actor(job, broker=broker, queue_name=queue, actor_name="job", max_retries=0)
+    actor(fails_first, broker=broker, queue_name=queue, actor_name="retried", **retry)
     producer = untyped(url=redis_url)  # plain Dramatiq: no ctxrelay middleware
     producer.declare_queue(queue)
     worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
@@ -651,6 +652,9 @@ def test_taskiq_turned_off_the_task_has_no_id(redis_url: str, taskiq_seen: Lines
 def test_install_refuses_what_is_not_the_librarys_object() -> None:
     from ctxrelay.integrations import arq, celery, dramatiq, taskiq
 
+    # Called as an untyped caller would (mypy refuses these calls).
+    install: Any
+    untyped: Any = arq
     for install in (celery.install, celery.uninstall):
         with pytest.raises(TypeError, match=r"takes a Celery app \(celery.Celery\), not NoneType"):
             install(None)
@@ -663,9 +667,9 @@ def test_install_refuses_what_is_not_the_librarys_object() -> None:
         with pytest.raises(TypeError, match=r"takes a taskiq broker .*, not str"):
             install("redis://")
     with pytest.raises(TypeError, match=r"takes the pool arq.create_pool\(\) returns .*, not str"):
-        arq.install("redis://")
+        untyped.install("redis://")
     with pytest.raises(TypeError, match=r"takes a WorkerSettings class .*, not str"):
-        arq.install_worker("shop.WorkerSettings")
+        untyped.install_worker("shop.WorkerSettings")
 
 
 def test_install_refuses_options_of_the_wrong_type(redis_url: str) -> None:
@@ -678,6 +682,8 @@ def test_install_refuses_options_of_the_wrong_type(redis_url: str) -> None:
     app = Celery("typed", broker=redis_url, set_as_current=False)
     untyped: Any = RedisBroker
     broker = untyped(url=redis_url)
+    install: Any  # called as an untyped caller would (mypy refuses these calls)
+    untyped_arq: Any = arq
     try:
         for install, target in (
             (celery.install, app),
@@ -689,7 +695,7 @@ def test_install_refuses_options_of_the_wrong_type(redis_url: str) -> None:
             with pytest.raises(TypeError, match=r"generator must be a callable .*, not str"):
                 install(target, generator="myproject.ids.new_id")
         with pytest.raises(TypeError, match="generate_id must be True or False, not int"):
-            arq.install_worker({}, generate_id=0)
+            untyped_arq.install_worker({}, generate_id=0)
     finally:
         broker.close()
 
