@@ -1,7 +1,10 @@
 """What carrying the context through Celery costs, side by side with bare Celery.
 
-Two measurements on Redis (127.0.0.1:6379, database 14, flushed after), each
-printed as a Markdown table of medians:
+Two measurements on Redis (127.0.0.1:6379, database 14), each printed as a
+Markdown table of medians.  The database is claimed as the test suite claims
+its own (``tests/brokers.py``): a database holding keys that ctxrelay did not
+create, or claimed by another live run, is left alone and the benchmark is
+skipped; the one it claimed is emptied when it ends.
 
 1. **Publish** -- ``apply_async`` of a no-op task (no worker consumes it), bare
    (relay not installed) against the relay installed with an empty context,
@@ -41,8 +44,11 @@ import ctxrelay
 from ctxrelay.integrations.celery import install, uninstall
 from harness import rotations
 
-DB = 14
+DB = 14  # documented in the README, shared with tests/integrations/test_logging_end_to_end.py
 URL = f"redis://127.0.0.1:6379/{DB}"
+#: The mark of a database claimed by a ctxrelay test or benchmark run (its value: the
+#: pid), the one tests/brokers.py writes: a test run and this benchmark see each other.
+OWNER_KEY = "ctxrelay-tests:owner"
 SECRET = "ctxrelay-bench-secret-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,6 +232,48 @@ def bench_own_work(number: int) -> str:
     return "\n".join(rows)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(client: redis.Redis) -> str | None:
+    """Claim the database for this process, as tests/brokers.py's ``need_redis`` does;
+    None when claimed, else why it is not this run's to use (nothing was touched)."""
+    where = f"Redis database {DB} on 127.0.0.1:6379"
+    mark = client.get(OWNER_KEY)
+    if mark is None:
+        if client.dbsize() > 0:
+            return (
+                f"{where} holds {client.dbsize()} keys that ctxrelay did not create (no "
+                f"{OWNER_KEY!r} key); left alone: empty it (redis-cli -n {DB} flushdb) "
+                "if they are yours to lose"
+            )
+    elif mark != str(os.getpid()).encode():
+        pid = int(mark) if mark.isdigit() else 0
+        if pid and _alive(pid):
+            return f"{where} is in use by another ctxrelay run (pid {pid})"
+        client.flushdb()  # a finished run's leftovers: everything here is ctxrelay's
+    if not client.set(OWNER_KEY, str(os.getpid()), nx=True) and not _ours(client):
+        return f"{where} was claimed by another ctxrelay run just now"
+    return None
+
+
+def _ours(client: redis.Redis) -> bool:
+    return bool(client.get(OWNER_KEY) == str(os.getpid()).encode())
+
+
+def release(client: redis.Redis) -> None:
+    """Empty the database if this process still holds it: all of it is this run's."""
+    if _ours(client):
+        client.flushdb()
+
+
 def _timed(step: Callable[[], Any], number: int) -> float:
     start = perf_counter()
     for _ in range(number):
@@ -244,7 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     except redis.ConnectionError:
         print("bench_queues: Redis is not running on 127.0.0.1:6379 (make services); skipped")
         return
-    client.flushdb()
+    refused = claim(client)
+    if refused is not None:
+        print(f"bench_queues: {refused}; skipped")
+        return
     reps = 5 if options.quick else 25
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ctxrelay-bench-queues-{os.getpid()}.log"
     started = time.monotonic()
@@ -255,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print(bench_round_trip(20 if options.quick else 50, reps, log))
     finally:
-        client.flushdb()
+        release(client)
     print(f"\n({time.monotonic() - started:.0f} s; Python {sys.version.split()[0]}, ", end="")
     print(f"{os.cpu_count()} CPUs; worker log: {log})")
 
