@@ -60,7 +60,7 @@ REDIS_PORT = int(_port)
 
 #: The Redis databases the suite may use, and who uses each.
 REDIS_DATABASES = {
-    5: "tests/integrations/test_queue_deadlines.py",
+    5: "tests/integrations/test_queue_deadlines.py, tests/integrations/test_worker_fresh_id.py",
     6: "tests/integrations/test_sentry.py, tests/integrations/test_opentelemetry_spans.py",
     7: "tests/integrations/test_arq.py",
     8: "tests/integrations/test_taskiq.py",

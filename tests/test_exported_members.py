@@ -20,6 +20,7 @@ def test_all_is_sorted_and_pinned() -> None:
         "Timer",
         "active_policy",
         "bind",
+        "bind_request",
         "cancelled",
         "checkpoint",
         "configure",

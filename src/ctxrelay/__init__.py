@@ -9,7 +9,18 @@ from __future__ import annotations
 import contextlib as _contextlib
 
 from . import _strict
-from ._context import Context, Scope, bind, current, detached, get, request, request_id, use
+from ._context import (
+    Context,
+    Scope,
+    bind,
+    bind_request,
+    current,
+    detached,
+    get,
+    request,
+    request_id,
+    use,
+)
 from ._deadline import (
     DeadlineExceeded,
     RequestCancelled,
@@ -51,6 +62,7 @@ __all__ = [
     "Timer",
     "active_policy",
     "bind",
+    "bind_request",
     "cancelled",
     "checkpoint",
     "configure",

@@ -8,11 +8,14 @@ starlette-context, whose per-request dict is shared by reference).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
 import re
 import sys
+import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from time import monotonic as _monotonic
@@ -34,8 +37,12 @@ __all__ = [
     "REQUEST_ID",
     "Scope",
     "Context",
+    "FROZEN",
     "bind",
+    "bind_request",
+    "capture",
     "current",
+    "frozen",
     "detached",
     "begin",
     "enter",
@@ -44,6 +51,8 @@ __all__ = [
     "root_of",
     "make_context",
     "narrowed",
+    "make_request_context",
+    "raw_current",
     "read_current",
     "get",
     "request",
@@ -76,6 +85,9 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+
+# What a scope's _ctx holds until it is entered (or used as a decorator).
+_UNUSED: Any = object()
 
 
 def validate_field(name: object, value: object) -> None:
@@ -166,7 +178,17 @@ class Context(Mapping[str, str]):
     """
 
     # __weakref__: strict mode remembers contexts without keeping them alive.
-    __slots__ = ("__weakref__", "_base", "_cancel", "_deadline", "_fields", "_hash", "_request")
+    __slots__ = (
+        "__weakref__",
+        "_base",
+        "_cancel",
+        "_deadline",
+        "_fields",
+        "_hash",
+        "_request",
+        "_scope",
+        "_stamp",
+    )
 
     _fields: dict[str, str]
     _request: RequestSnapshot | None
@@ -181,6 +203,12 @@ class Context(Mapping[str, str]):
     _deadline: float | None
     # The request's cancellation, shared by everything working for it.
     _cancel: Cancellation | None
+    # The request's scope, shared by everything working for it: the fields
+    # any of its work added with bind_request() (or a bind() held across a
+    # yield), and _stamp, the scope version these fields already include
+    # (FROZEN: a hand-off's capture, which never sees later changes).
+    _scope: RequestScope | None
+    _stamp: int
 
     def __init__(
         self, fields: Mapping[str, str] | Iterable[tuple[str, str]] = (), /, **more: str
@@ -194,6 +222,8 @@ class Context(Mapping[str, str]):
         self._base = None
         self._deadline = None
         self._cancel = None
+        self._scope = None
+        self._stamp = 0
 
     @classmethod
     def _make(cls, fields: dict[str, str], request: RequestSnapshot | None) -> Context:
@@ -205,13 +235,17 @@ class Context(Mapping[str, str]):
         ctx._base = None
         ctx._deadline = None
         ctx._cancel = None
+        ctx._scope = None
+        ctx._stamp = 0
         return ctx
 
     def _same_work(self, new: Context) -> Context:
-        # A changed value of the same unit of work keeps its deadline and
-        # its cancellation.
+        # A changed value of the same unit of work keeps its deadline, its
+        # cancellation and its request scope.
         new._deadline = self._deadline
         new._cancel = self._cancel
+        new._scope = self._scope
+        new._stamp = self._stamp
         return new
 
     # -- Mapping -------------------------------------------------------------
@@ -345,6 +379,137 @@ class Cancellation:
         return f"<Cancellation {'cancelled: ' + self.reason if self.cancelled else 'active'}>"
 
 
+#: The stamp of a hand-off's capture: it never sees later changes to its
+#: request's scope (work already handed off keeps what it captured).
+FROZEN = sys.maxsize
+
+
+class RequestScope:
+    """The fields a request's own work added for the rest of the request.
+
+    One per request, made by the web door and shared by every context of
+    that request, the way its :class:`Cancellation` is.  A write
+    (:func:`bind_request`, or a ``bind()`` held open across a ``yield`` in
+    sync code) adds a layer and bumps ``version``; a context whose stamp is
+    older sees the newer layers on top of its own fields when it is read
+    (:func:`current`), in every copy of the request's ``contextvars``
+    context.  Contexts themselves never change: a read makes a new value.
+
+    Written under one lock (writes are rare: a dependency, a
+    ``before_request``); read without one.  ``overlay`` is replaced whole,
+    before ``version``, so a reader that sees a version sees at least that
+    overlay.
+    """
+
+    # No __slots__ and no __init__: a request pays for one bare object, and
+    # these class attributes are the defaults until the first write.
+    version: int = 0
+    #: name -> (value, version it was written at, owner); the latest wins.
+    overlay: Mapping[str, tuple[str, int, object]] = {}
+    #: The open promoted scopes' fields, by owner: what a withdrawal falls
+    #: back to.  Request-level writes (owner None) need no layer: they stay.
+    layers: Mapping[object, tuple[int, dict[str, str]]] = {}
+    #: name -> (value, version) of the request-level writes.
+    lasting: Mapping[str, tuple[str, int]] = {}
+    #: id(context) -> (context, its view at ``version``): reads between writes.
+    views: dict[int, tuple[Context, Context]] | None = None
+
+    def write(self, fields: dict[str, str], owner: object = None) -> int:
+        """Add ``fields`` (for the request, or until ``owner`` withdraws);
+        the new version."""
+        with _SCOPE_LOCK:
+            version = self.version + 1
+            overlay = dict(self.overlay)
+            for name, value in fields.items():
+                overlay[name] = (value, version, owner)
+            if owner is None:
+                lasting = dict(self.lasting)
+                for name, value in fields.items():
+                    lasting[name] = (value, version)
+                self.lasting = lasting
+            else:
+                self.layers = {**self.layers, owner: (version, fields)}
+            self.views = None
+            self.overlay = overlay
+            self.version = version
+            return version
+
+    def withdraw(self, owner: object) -> None:
+        """End ``owner``'s fields: each name it still sets goes back to the
+        latest other write of it, if any (as a new write)."""
+        with _SCOPE_LOCK:
+            layers = dict(self.layers)
+            if layers.pop(owner, None) is None:
+                return
+            version = self.version + 1
+            overlay = dict(self.overlay)
+            for name, entry in self.overlay.items():
+                if entry[2] is not owner:
+                    continue  # written again since, by someone else
+                del overlay[name]
+                best: tuple[int, str, object] | None = None
+                if name in self.lasting:
+                    value, at = self.lasting[name]
+                    best = (at, value, None)
+                for who, (at, fields) in layers.items():
+                    if name in fields and (best is None or at > best[0]):
+                        best = (at, fields[name], who)
+                if best is not None:
+                    overlay[name] = (best[1], version, best[2])
+            self.layers = layers
+            self.views = None
+            self.overlay = overlay
+            self.version = version
+
+    def view(self, ctx: Context) -> Context:
+        """``ctx`` with the layers written after its stamp on top."""
+        version = self.version  # before overlay: see the class docstring
+        views = self.views
+        if views is not None:
+            hit = views.get(id(ctx))
+            if hit is not None and hit[0] is ctx and hit[1]._stamp >= version:
+                return hit[1]
+        stamp = ctx._stamp
+        newer = {name: entry[0] for name, entry in self.overlay.items() if entry[1] > stamp}
+        new = Context._make({**ctx._fields, **newer} if newer else ctx._fields, ctx._request)
+        new._base = ctx._base
+        new._deadline = ctx._deadline
+        new._cancel = ctx._cancel
+        new._scope = self
+        new._stamp = version
+        if views is None or len(views) >= _MAX_VIEWS:
+            views = self.views = {}
+        views[id(ctx)] = (ctx, new)
+        return new
+
+    def frozen(self, ctx: Context) -> Context:
+        """``ctx`` as it reads now, never to see a later write: a capture."""
+        now = self.view(ctx) if self.version > ctx._stamp else ctx
+        new = Context._make(now._fields, now._request)
+        # On top of what it froze: root_of() still finds the request's own
+        # context (strict mode's thread watch), and keeps it alive.
+        new._base = ctx
+        new._deadline = now._deadline
+        new._cancel = now._cancel
+        new._scope = self
+        new._stamp = FROZEN
+        return new
+
+
+_SCOPE_LOCK = threading.Lock()
+# Views cached per scope between two writes (a request reads a handful of
+# contexts; the bound keeps a hostile loop of binds from growing it).
+_MAX_VIEWS = 64
+
+
+class _Amended(Context):
+    """What :func:`bind_request` binds in a captured flow (a pool task):
+    the context it replaced plus the fields.  Transparent to the scope
+    exits: a ``with`` block it was written in ends as if it were not there."""
+
+    __slots__ = ()
+
+
 EMPTY = Context()
 
 #: What ``detached()`` binds: empty, and a distinct object, so that a thread
@@ -356,8 +521,17 @@ _CURRENT: ContextVar[Context] = ContextVar("ctxrelay.context", default=EMPTY)
 
 
 def current() -> Context:
-    """The context bound here; an empty ``Context`` when none is."""
-    return _CURRENT.get()
+    """The context bound here; an empty ``Context`` when none is.
+
+    In a request, it includes what the request's work added to its scope
+    (:func:`bind_request`) since the context was bound, whichever thread
+    or copy of the context added it.
+    """
+    ctx = _CURRENT.get()
+    scope = ctx._scope
+    if scope is None or scope.version <= ctx._stamp:
+        return ctx
+    return scope.view(ctx)
 
 
 @overload
@@ -368,12 +542,20 @@ def get(name: str, default: str) -> str: ...
 def get(name: str, default: _T) -> str | _T: ...
 def get(name: str, default: object = None) -> object:
     """One field of :func:`current`, or ``default``."""
-    return _CURRENT.get()._fields.get(name, default)
+    ctx = _CURRENT.get()
+    scope = ctx._scope
+    if scope is not None and scope.version > ctx._stamp:
+        ctx = scope.view(ctx)
+    return ctx._fields.get(name, default)
 
 
 def request_id() -> str | None:
     """The current request id, or ``None`` outside a request."""
-    return _CURRENT.get()._fields.get(REQUEST_ID)
+    ctx = _CURRENT.get()
+    scope = ctx._scope
+    if scope is not None and scope.version > ctx._stamp:
+        ctx = scope.view(ctx)
+    return ctx._fields.get(REQUEST_ID)
 
 
 def request() -> RequestSnapshot | None:
@@ -415,6 +597,7 @@ class Scope:
         (structlog's ``bound_contextvars``), sync or ``async def``."""
         if not callable(fn):
             raise TypeError(f"a ctxrelay scope decorates a callable, not {type(fn).__name__}")
+        self._mark_used()  # as a decorator: never entered itself
         fresh = self._fresh
         if inspect.iscoroutinefunction(fn):
 
@@ -450,6 +633,17 @@ class Scope:
                 pass  # a copy of the context it was entered in: foreign
         _exit(token, self)
 
+    def _mark_used(self) -> None:
+        self._ctx = None
+
+    def __del__(self) -> None:
+        # A bare ``ctxrelay.bind(user=...)`` statement (structlog's
+        # bind_contextvars habit) binds nothing: say so at once, as CPython
+        # does for a coroutine that was never awaited.  _ctx is set on
+        # enter (and by the decorator); only a never-used scope lacks it.
+        if self._ctx is _UNUSED:
+            _never_entered("bind")
+
 
 class _Bind(Scope):
     """``bind()``: the current context plus some fields."""
@@ -459,6 +653,7 @@ class _Bind(Scope):
     def __init__(self, fields: dict[str, str]) -> None:
         self._fields = fields
         self._token = None
+        self._ctx = _UNUSED
 
     def _fresh(self) -> Scope:
         return _BIND(self._fields)
@@ -467,6 +662,8 @@ class _Bind(Scope):
         if self._token is not None:
             raise RuntimeError("this ctxrelay scope is already entered; call bind()/use() again")
         base = _CURRENT.get()
+        if base._scope is not None:
+            return _enter_scoped(self, base, base._scope)
         fields = self._fields
         if base._fields:
             fields = {**base._fields, **fields}
@@ -488,7 +685,14 @@ class _Use(Scope):
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
         self._token = None
-        self._otel: Token[object] | None = None
+        self._otel: Token[object] | object | None = _UNUSED
+
+    def _mark_used(self) -> None:
+        self._otel = None
+
+    def __del__(self) -> None:
+        if self._otel is _UNUSED:
+            _never_entered("detached" if self._ctx is DETACHED else "use")
 
     def _fresh(self) -> Scope:
         return _USE(self._ctx)  # type: ignore[arg-type]  # set in __init__
@@ -496,11 +700,17 @@ class _Use(Scope):
     def __enter__(self) -> Context:
         if self._token is not None:
             raise RuntimeError("this ctxrelay scope is already entered; call bind()/use() again")
+        self._otel = None
         if _modules.get("opentelemetry.trace") is not None:
             # Note OpenTelemetry's span as it is now: a stale one (a thread
             # started during another request) must not speak for this context.
             self._otel = note_use()
         ctx: Context = self._ctx  # type: ignore[assignment]  # set in __init__
+        scope = ctx._scope
+        if scope is not None and ctx._stamp != FROZEN:
+            # A context of a request, handed over by hand: it is bound as
+            # it reads now, and keeps that (as every capture does).
+            self._ctx = ctx = scope.frozen(ctx)
         self._token = _CURRENT.set(ctx)
         return ctx
 
@@ -510,8 +720,9 @@ class _Use(Scope):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._otel is not None and self._token is not None:
-            end_use(self._otel)
+        otel = self._otel
+        if otel is not None and otel is not _UNUSED and self._token is not None:
+            end_use(otel)  # type: ignore[arg-type]  # a Token from note_use()
             self._otel = None
         Scope.__exit__(self, exc_type, exc, tb)
 
@@ -542,9 +753,12 @@ def leave(token: Token[Context]) -> None:
         _report_exit("foreign-exit", "in another context than it was entered in")
 
 
-#: :func:`current` for the package's hot paths (a log filter per record):
-#: the ContextVar's own bound method, no Python frame per read.
-read_current = _CURRENT.get
+#: :func:`current` for the package's hot paths (a log filter per record).
+read_current = current
+
+#: The bound context as it is on the stack, without the request scope's
+#: later writes: for the scope machinery and the hand-off captures only.
+raw_current = _CURRENT.get
 
 
 def narrowed(
@@ -562,6 +776,8 @@ def narrowed(
     ``ctx`` (``_base``), as a ``bind()`` would be."""
     new = Context._make(ctx._fields, ctx._request)
     new._base = ctx._base if ctx._base is not None else ctx
+    new._scope = ctx._scope
+    new._stamp = ctx._stamp
     if keep_deadline:
         own = ctx._deadline
         earlier = own is None or (deadline is not None and deadline < own)
@@ -639,15 +855,18 @@ class _StrictBind(_Bind):
         if self._token is not None:
             raise RuntimeError("this ctxrelay scope is already entered; call bind()/use() again")
         base = _CURRENT.get()
-        fields = self._fields
-        if base._fields:
-            fields = {**base._fields, **fields}
-        ctx = Context._make(fields, base._request)
-        ctx._base = base
-        ctx._deadline = base._deadline
-        ctx._cancel = base._cancel
-        self._ctx = ctx
-        self._token = _CURRENT.set(ctx)
+        if base._scope is not None:
+            ctx = _enter_scoped(self, base, base._scope)
+        else:
+            fields = self._fields
+            if base._fields:
+                fields = {**base._fields, **fields}
+            ctx = Context._make(fields, base._request)
+            ctx._base = base
+            ctx._deadline = base._deadline
+            ctx._cancel = base._cancel
+            self._ctx = ctx
+            self._token = _CURRENT.set(ctx)
         if _STRICT.tick() == 0:  # sampled: every Nth entry, N = 1 / rate
             self._site = site = _strict.site(1)
             _strict.note_bound(ctx, site)
@@ -688,6 +907,76 @@ class _StrictUse(_Use):
         return ctx
 
 
+def _enter_scoped(
+    scope: _Bind, base: Context, shared: RequestScope, promote: bool = False
+) -> Context:
+    """``bind()`` entered in a request: on top of what the request's scope
+    reads now; ``promote``: also written to the scope, for the rest of the
+    request's work to see until the block exits (see :class:`_PromotedBind`)."""
+    now = shared.view(base) if shared.version > base._stamp else base
+    fields = scope._fields
+    if now._fields:
+        fields = {**now._fields, **fields}
+    ctx = Context._make(fields, now._request)
+    ctx._base = base  # the stack, for the exits: what was bound, not a view
+    ctx._deadline = now._deadline
+    ctx._cancel = now._cancel
+    ctx._scope = shared
+    ctx._stamp = now._stamp
+    if promote and now._stamp != FROZEN:  # a hand-off's capture stays to itself
+        ctx._stamp = shared.write(scope._fields, scope)
+    scope._ctx = ctx
+    scope._token = _CURRENT.set(ctx)
+    return ctx
+
+
+class _PromotedBind(_Bind):
+    """``bind()`` held by a sync generator inside a request.
+
+    fastapi #953, starlette-context #146: a sync dependency's generator is
+    entered in one worker thread's copy of the request's context and exited
+    in another's, so what it bound never reached the endpoint.  This scope
+    also writes its fields to the request's scope until it exits: every
+    later step of the request sees them, in whatever copy it runs.  Its
+    exit withdraws them and, where it runs in another copy than it was
+    entered in (the expected case), leaves that copy as it is, unreported.
+    A hand-off's frozen capture keeps the plain ``bind()`` behaviour.
+    """
+
+    __slots__ = ()
+
+    def _fresh(self) -> Scope:
+        return _PromotedBind(self._fields)
+
+    def __enter__(self) -> Context:
+        if self._token is not None:
+            raise RuntimeError("this ctxrelay scope is already entered; call bind()/use() again")
+        base = _CURRENT.get()
+        shared = base._scope
+        if shared is None:  # created in a request, entered outside one
+            return _Bind.__enter__(self)
+        return _enter_scoped(self, base, shared, promote=True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        token = self._token
+        if token is None:
+            return
+        self._token = None
+        ctx = self._ctx
+        shared = ctx._scope if ctx is not None else None
+        if shared is not None:
+            shared.withdraw(self)
+        _exit(token, self, quiet=True)
+
+
+_GENERATOR = inspect.CO_GENERATOR
+_getframe = sys._getframe
+
 _STRICT = _strict.STATE
 _WATCHED = _strict.WATCHED
 
@@ -703,7 +992,7 @@ def _switch_strict(on: bool) -> None:
     _BIND, _USE = (_StrictBind, _StrictUse) if on else (_Bind, _Use)
 
 
-def _exit(token: Token[Context], scope: Scope) -> None:
+def _exit(token: Token[Context], scope: Scope, quiet: bool = False) -> None:
     """The rare exits: out of order, or where the scope's context is not bound.
 
     A scope may restore only while its own context ``ctx`` is still on the
@@ -723,21 +1012,43 @@ def _exit(token: Token[Context], scope: Scope) -> None:
       rule set the saved value there, and a generator closed during request
       B installed request A's context, cookie included, into B's code.
 
+    What :func:`bind_request` bound on top of ``ctx`` in a captured flow
+    (an ``_Amended`` context) is not a scope of its own: the exit sees
+    through it.  ``quiet``: a scope written to its request's scope, whose
+    exit in another copy of the request's context is the expected case.
+
     Reported once per place, never raised into the host.
     """
     ctx = scope._ctx
-    below = _CURRENT.get()._base
+    top = _CURRENT.get()
     for _ in range(_MAX_UNWIND):
-        if below is None:
+        if type(top) is not _Amended:
             break
-        if below is ctx:
-            try:
-                _CURRENT.reset(token)
-            except ValueError:
-                break
-            _report_exit("out-of-order", "while a scope entered inside it was still open", scope)
+        top = top._base  # type: ignore[assignment]  # an _Amended always has one
+    if top is ctx:
+        try:
+            _CURRENT.reset(token)
             return
-        below = below._base
+        except ValueError:
+            pass  # a copy of the context it was entered in: foreign
+    else:
+        below = top._base
+        for _ in range(_MAX_UNWIND):
+            if below is None:
+                break
+            if below is ctx:
+                try:
+                    _CURRENT.reset(token)
+                except ValueError:
+                    break
+                if not quiet:
+                    _report_exit(
+                        "out-of-order", "while a scope entered inside it was still open", scope
+                    )
+                return
+            below = below._base
+    if quiet:
+        return
     _report_exit(
         "foreign-exit",
         "in another context than it was entered in, or after its context was unbound",
@@ -777,7 +1088,8 @@ def _report_exit(kind: str, how: str, scope: Scope | None = None) -> None:
                 kind,
                 f"a bind()/use() scope was exited {how}; the current context was left as it "
                 "is.  Close the generator that holds it where it runs, or hand the work off "
-                "with ctxrelay.wrap()",
+                "with ctxrelay.wrap(); sync code that sets a field for the rest of a request "
+                "calls ctxrelay.bind_request(...)",
                 entered=entered,
                 exited=_exited_at(frame) if scope is not None else None,
             )
@@ -790,7 +1102,9 @@ def _report_exit(kind: str, how: str, scope: Scope | None = None) -> None:
             "ctxrelay: a bind()/use() scope entered at %s:%d (in %s) was exited %s; "
             "the current context was left as it is.  Typical cause: a generator "
             "holding the scope was closed by other code or by the garbage collector; "
-            "close it where it runs, or hand the work off with ctxrelay.wrap()",
+            "close it where it runs, or hand the work off with ctxrelay.wrap().  Sync "
+            "code that sets a field for the rest of a request (a dependency, a hook) "
+            "calls ctxrelay.bind_request(...) instead",
             where[0],
             where[1],
             frame.f_code.co_name,
@@ -811,6 +1125,11 @@ def bind(fields: Mapping[str, str] | None = None, /, **more: str) -> Scope:
         validate_field(name, value)
     if fields:
         more = {**_validated(fields), **more}
+    if _CURRENT.get()._scope is not None and _getframe(1).f_code.co_flags & _GENERATOR:
+        # In a request, held by a sync generator: a FastAPI sync dependency
+        # that yields, a contextmanager (see _PromotedBind).  ``with``
+        # binds __exit__ before __enter__ runs: the class is chosen here.
+        return _PromotedBind(more)
     return _BIND(more)
 
 
@@ -836,12 +1155,111 @@ def use(ctx: Context) -> Scope:
     return _USE(ctx)
 
 
+def bind_request(fields: Mapping[str, str] | None = None, /, **more: str) -> None:
+    """Add ``fields`` to the current request for the rest of its work.
+
+    Not a ``with`` block: for code that cannot wrap what comes after it, such
+    as a sync FastAPI dependency without ``yield``, a Flask
+    ``before_request`` hook, a Django middleware's ``process_view``, or an
+    endpoint that sets something for a background task or for the door's
+    request log line.  Later steps of the same request see the fields,
+    from any thread and in any copy of its context: the endpoint, later
+    dependencies, background tasks, pool tasks and threads handed off
+    after the call, outgoing calls, queue messages, log lines.  Work handed
+    off before the call keeps what it captured; other requests never see
+    them.  A field a later ``bind()`` sets wins inside that block, as
+    usual; the fields end with the request.
+
+    Validated as :func:`bind` validates (``TypeError``/``ValueError``
+    naming the field).  Outside a request (no web door bound one) it raises
+    ``RuntimeError``: use ``with ctxrelay.bind(...)`` there.
+    """
+    for name, value in more.items():
+        validate_field(name, value)
+    if fields:
+        more = {**_validated(fields), **more}
+    raw = _CURRENT.get()
+    shared = raw._scope
+    if shared is None:
+        raise RuntimeError(
+            "ctxrelay.bind_request() works inside a request that a ctxrelay web door "
+            "(RelayMiddleware) opened; elsewhere bind fields for a block with "
+            "`with ctxrelay.bind(...)`"
+        )
+    if not more:
+        return
+    now = shared.view(raw) if shared.version > raw._stamp else raw
+    version = shared.write(more)
+    # Where it runs, the write is bound at once: reads here then need no
+    # view, and a captured flow (a pool task: FROZEN, which never sees the
+    # scope's later writes) sees its own.  A bare set, reset by whatever
+    # token bound the request here (the door's, a worker thread's copy
+    # dropped); scopes exiting see through it (_Amended).
+    ctx = _Amended._make({**now._fields, **more}, now._request)
+    ctx._base = raw
+    ctx._deadline = now._deadline
+    ctx._cancel = now._cancel
+    ctx._scope = shared
+    # Up to date when no other write came between (else a read catches up).
+    ctx._stamp = version if now._stamp == version - 1 else now._stamp
+    _CURRENT.set(ctx)
+
+
+def capture() -> contextvars.Context:
+    """``contextvars.copy_context()`` for a hand-off: in a request, the
+    ctxrelay context in the copy is frozen as it reads now, so the work
+    keeps what it captured when the request's scope changes later."""
+    ctx = _CURRENT.get()
+    shared = ctx._scope
+    copy = _copy_context()
+    if shared is not None and ctx._stamp != FROZEN:
+        copy.run(_CURRENT.set, shared.frozen(ctx))
+    return copy
+
+
+def frozen() -> Context | None:
+    """The current context frozen for a hand-off, or ``None`` when a plain
+    ``copy_context()`` already captures it as it is (no request scope)."""
+    ctx = _CURRENT.get()
+    shared = ctx._scope
+    if shared is None or ctx._stamp == FROZEN:
+        return None
+    return shared.frozen(ctx)
+
+
+def make_request_context(fields: dict[str, str], request: RequestSnapshot | None) -> Context:
+    """:func:`make_context` for a request at a web door: with a fresh
+    request scope, which :func:`bind_request` writes to."""
+    ctx = Context._make(fields, request)
+    ctx._scope = RequestScope()
+    return ctx
+
+
+def _never_entered(what: str) -> None:
+    # Not contextlib.suppress: at interpreter shutdown, a module global may
+    # already be gone when __del__ runs.
+    try:  # noqa: SIM105
+        warnings.warn(
+            f"ctxrelay.{what}() was called but never entered, so it bound nothing.  Use it "
+            f"as `with ctxrelay.{what}(...):` or as a decorator; to add fields for the "
+            "rest of a request without a block, call ctxrelay.bind_request(...)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    except Exception:  # __del__: never raise into the host
+        pass
+
+
+_copy_context = contextvars.copy_context
+
+
 # Frames of ctxrelay's own scope exits, skipped to find the with statement.
 _EXIT_CODES = frozenset(
     {
         Scope.__exit__.__code__,
         _Use.__exit__.__code__,
         _StrictBind.__exit__.__code__,
+        _PromotedBind.__exit__.__code__,
         _exit.__code__,
         _report_exit.__code__,
         leave.__code__,

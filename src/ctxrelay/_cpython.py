@@ -84,8 +84,8 @@ def submit_has_known_shape() -> bool:
 def make_relaying_submit(
     relayed: type,
     new_future: Callable[[], Future[Any]],
-    bounded: Callable[[], bool] | None = None,
-    guard: Callable[..., Any] | None = None,
+    prepare: Callable[[], tuple[Callable[..., Any], Callable[..., Any] | None] | None]
+    | None = None,
 ) -> Callable[..., Future[Any]] | None:
     """A relaying twin of ``ThreadPoolExecutor.submit``, or ``None`` (fallback).
 
@@ -94,9 +94,10 @@ def make_relaying_submit(
     work as the standard method with the relay folded in, which keeps the
     per-task cost at the floor of ``copy_context().run``.  ``relayed`` is the
     type of a task that already carries its capture (passed through);
-    ``new_future`` makes the future.  When ``bounded()`` says the caller's
-    work has a deadline, the task runs through ``guard`` (which refuses to
-    start it once the deadline passed).  ``None`` when the fast path is off or
+    ``new_future`` makes the future.  ``prepare()``, when it returns
+    something, gives the capture's ``run`` to use instead of a plain
+    ``copy_context().run`` and a guard to run the task through (one that
+    refuses to start it once its deadline passed), or None.  ``None`` when the fast path is off or
     this Python's ``submit`` has another shape: callers then wrap ``submit``.
     """
     if not FAST_PATH or not submit_has_known_shape():
@@ -121,9 +122,15 @@ def make_relaying_submit(
             else:
                 # What the floor does by hand, pool.submit(copy_context().run,
                 # fn, ...): no wrapper object, no extra call when it runs.
-                run = copy_context().run
-                # A task with a deadline is checked when it starts (guard).
-                args = (guard, fn, *args) if bounded is not None and bounded() else (fn, *args)
+                special = prepare() if prepare is not None else None
+                if special is None:
+                    run = copy_context().run
+                    args = (fn, *args)
+                else:
+                    # A request's frozen capture; a task with a deadline is
+                    # checked when it starts (guard).
+                    run, guard = special
+                    args = (fn, *args) if guard is None else (guard, fn, *args)
                 self._work_queue.put(work_item(future, run, args, kwargs))
             self._adjust_thread_count()
             return future

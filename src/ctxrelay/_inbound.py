@@ -52,7 +52,15 @@ from ._codec import (
     parse_baggage,
     valid_traceparent,
 )
-from ._context import EMPTY, REQUEST_ID, Context, make_context, narrowed, validate_field
+from ._context import (
+    EMPTY,
+    REQUEST_ID,
+    Context,
+    make_context,
+    make_request_context,
+    narrowed,
+    validate_field,
+)
 from ._deadline import parse_remaining_ms
 from ._policy import Policy, active
 from ._request import (
@@ -471,14 +479,14 @@ class Door:
             fields[REQUEST_ID] = rid = self.request_id(raw_id, snapshot)
             if source is not None and self.update_request_header and rid != raw_id:
                 snapshot = _carry(source, self.plan(), rid, snapshot, raw_id is not None)
-        ctx = make_context(fields, snapshot)
+        ctx = make_request_context(fields, snapshot)
         if deadline is not None:
             ctx = narrowed(ctx, deadline)
         return ctx
 
     def fallback(self, raw_id: object) -> Context:
         """The context when no snapshot could be taken: a request id only."""
-        return make_context(
+        return make_request_context(
             {REQUEST_ID: self.request_id(raw_id if isinstance(raw_id, str) else None)}, None
         )
 
@@ -686,7 +694,7 @@ def _admit(
     if options.update_request_header and rid != raws[0]:
         snapshot = _carry(source, plan, rid, snapshot, raws[0] is not None)
     fields[REQUEST_ID] = rid
-    ctx = make_context(fields, snapshot)
+    ctx = make_request_context(fields, snapshot)
     if deadline is not None:
         ctx = narrowed(ctx, deadline)
     return Admitted(ctx, False)

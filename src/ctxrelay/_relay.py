@@ -38,7 +38,15 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _strict
-from ._context import DETACHED, Context, current, enter, read_current, root_of
+from ._context import (
+    DETACHED,
+    Context,
+    capture,
+    current,
+    enter,
+    raw_current,
+    root_of,
+)
 from ._cpython import (
     STDLIB_SUBMIT,
     THREAD_TAKES_CONTEXT,
@@ -91,16 +99,33 @@ class _Task(functools.partial[Any]):
 def _task(fn: Callable[..., Any]) -> Callable[..., Any]:
     if type(fn) is _Task:
         return fn
-    if _bounded():
+    special = _prepare()
+    if special is None:
+        return _Task(_copy_context().run, fn)
+    run, guard = special
+    if guard is not None:
         # Work with a deadline is not started once it passed (or once its
         # request was cancelled): its future fails with that instead.
-        return _Task(_copy_context().run, run_unless_expired, fn)
-    return _Task(_copy_context().run, fn)
+        return _Task(run, guard, fn)
+    return _Task(run, fn)
+
+
+def _prepare() -> tuple[Callable[..., Any], Callable[..., Any] | None] | None:
+    """For a hand-off from a request or from work with a deadline: the
+    capture's ``run`` (the request's context frozen as it reads now, see
+    ``capture``) and the guard that refuses to start the work once its
+    deadline passed (or None).  None for everything else: a plain
+    ``copy_context()`` then captures it as it is."""
+    ctx = raw_current()
+    if ctx._scope is None and ctx._deadline is None and ctx._cancel is None:
+        return None
+    guard = run_unless_expired if ctx._deadline is not None or ctx._cancel is not None else None
+    return capture().run, guard
 
 
 def _bounded() -> bool:
     """Whether the current work has a deadline or a cancellation to honour."""
-    ctx = read_current()
+    ctx = raw_current()
     return ctx._deadline is not None or ctx._cancel is not None
 
 
@@ -225,7 +250,7 @@ class _Mirror(_RelayFuture, Generic[T]):
 
 def new_relaying_submit() -> Callable[..., Future[Any]] | None:
     """A fresh relaying twin of the standard ``submit`` (see ``_cpython``)."""
-    return make_relaying_submit(_Task, _RelayFuture, _bounded, run_unless_expired)
+    return make_relaying_submit(_Task, _RelayFuture, _prepare)
 
 
 #: The relaying twin of ``ThreadPoolExecutor.submit``, or ``None`` where this
@@ -251,7 +276,7 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         and getattr(fn, "__code__", None) is _RELAYED_CODE
     ):
         return fn
-    captured = _copy_context()
+    captured = capture()
 
     @functools.wraps(fn)
     def relayed(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -399,7 +424,7 @@ def prepare_start(thread: threading.Thread, starter: FrameType | None = None) ->
     if current() is DETACHED or (starter is not None and started_by_library(starter, thread)):
         context = contextvars.Context()
     else:
-        context = _copy_context()
+        context = capture()
         if _strict.STATE.on:
             _note_relayed_thread(thread, starter or sys._getframe(1))
     if THREAD_TAKES_CONTEXT:  # Python 3.14+
@@ -590,7 +615,7 @@ class _AsyncCall(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         executor = self._executor or default_executor()
-        captured = _copy_context()
+        captured = capture()
         if ships_to_processes(executor):
             task = _ProcessTask(current(), self._picklable())
             # Its submit may fork the workers: from an empty context.
