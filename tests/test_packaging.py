@@ -111,3 +111,32 @@ def test_the_demo_extra_installs_what_the_demo_imports() -> None:
 
 def test_the_core_has_no_dependency() -> None:
     assert PROJECT["dependencies"] == []
+
+
+def test_the_project_has_one_address_everywhere() -> None:
+    # The repository and the docs site are published with the first release (the
+    # README says so); until then every address must at least be the same one, so
+    # that moving it is one change that this test checks was made everywhere.
+    urls: dict[str, str] = PROJECT["urls"]
+    source = urls["Source"]
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", source)
+    assert urls["Homepage"] == source
+    assert urls["Changelog"] == f"{source}/blob/main/CHANGELOG.md"
+    assert urls["Issues"] == f"{source}/issues"
+    assert DOCS_SITE.startswith("https://")
+    assert DOCS_SITE.endswith("/")
+    mkdocs = (ROOT / "mkdocs.yml").read_text()
+    assert re.search(rf"^repo_url: {re.escape(source)}$", mkdocs, re.MULTILINE)
+    assert re.search(rf"^site_url: {re.escape(DOCS_SITE)}$", mkdocs, re.MULTILINE)
+    towncrier = PYPROJECT["tool"]["towncrier"]
+    assert towncrier["issue_format"].startswith(f"[#{{issue}}]({source}/issues/")
+    assert f"({source}/tree/v{{version}})" in towncrier["title_format"]
+    pages = [ROOT / n for n in ("README.md", "CHANGELOG.md", "CONTRIBUTING.md", "SECURITY.md")]
+    pages += sorted((ROOT / "docs").rglob("*.md"))
+    elsewhere = {
+        f"{page.relative_to(ROOT)}: {repo}"
+        for page in pages
+        for repo in re.findall(r"https://github\.com/([\w.-]+/[\w.-]+)", page.read_text())
+        if repo.lower().startswith("ctxrelay/") and f"https://github.com/{repo}" != source
+    }
+    assert elsewhere == set()
