@@ -13,7 +13,14 @@ machine hits all of them alike; the figures are medians over repetitions.
 OpenTelemetry is imported here, so ctxrelay's inject pays its check for an
 active span and for OpenTelemetry baggage, as it would in a traced service.
 
-Run: ``python bench/bench_wire.py`` (about half a minute) or ``--quick``.
+A second table, "Trace formats", is what OpenTelemetry's global propagator
+costs ``inject`` for an outgoing HTTP call: the default (W3C trace context +
+baggage) against B3 (multi-header) and X-Ray (when their packages are
+installed, as ``make test`` does), with the trace relayed (no
+span: the relayed ``traceparent`` converted) and with an active span, next
+to the propagator's own ``inject`` alone.
+
+Run: ``python bench/bench_wire.py`` (about a minute) or ``--quick``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,10 @@ from time import perf_counter
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import ctxrelay
@@ -87,6 +97,99 @@ def otel_pair(count: int) -> tuple[Callable[[], object], Callable[[], object]]:
     return inject, extract
 
 
+# -- trace formats: inject for an HTTP destination, per global propagator --------
+DESTINATION = "https://orders.internal.example/api"
+DEFAULT = propagate.get_global_textmap()
+FORMATS: dict[str, TextMapPropagator] = {"default (W3C)": DEFAULT}
+try:  # the Makefile's test install has them; an extras-only venv may not
+    from opentelemetry.propagators.aws import AwsXRayPropagator
+    from opentelemetry.propagators.b3 import B3MultiFormat
+
+    FORMATS |= {"B3 multi": B3MultiFormat(), "X-Ray": AwsXRayPropagator()}
+except ImportError:
+    pass
+
+
+def formats_variants() -> dict[str, tuple[TextMapPropagator, Callable[[], object]]]:
+    """(global propagator, call) per row: ctxrelay's inject, relayed and
+    under a span, and the propagator's own inject under the same span."""
+    ctx = ctxrelay.Context({"request_id": "req-1", "traceparent": TRACEPARENT, **fields(4)})
+    span = TracerProvider().get_tracer("bench").start_span("call")
+    traced = trace.set_span_in_context(span)
+
+    def relayed() -> object:
+        out: dict[str, str] = {}
+        with ctxrelay.use(ctx):
+            ctxrelay.inject(out, destination=DESTINATION)
+        return out
+
+    def under_span() -> object:
+        out: dict[str, str] = {}
+        with ctxrelay.use(ctx):
+            token = otel_context.attach(traced)  # current after use(): it speaks
+            try:
+                ctxrelay.inject(out, destination=DESTINATION)
+            finally:
+                otel_context.detach(token)
+        return out
+
+    def alone(textmap: TextMapPropagator) -> Callable[[], object]:
+        def call() -> object:
+            out: dict[str, str] = {}
+            textmap.inject(out, context=traced)
+            return out
+
+        return call
+
+    variants: dict[str, tuple[TextMapPropagator, Callable[[], object]]] = {}
+    for name, textmap in FORMATS.items():
+        variants[f"{name}|relayed"] = (textmap, relayed)
+        variants[f"{name}|span"] = (textmap, under_span)
+        variants[f"{name}|alone"] = (textmap, alone(textmap))
+    return variants
+
+
+def formats_table(reps: int, loops: int) -> None:
+    """Print the trace-formats table (Markdown), variants interleaved."""
+    ctxrelay.configure(
+        ctxrelay.Policy(routes=(ctxrelay.Policy.Route(hosts=("*.internal.example",)),))
+    )
+    variants = formats_variants()
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for textmap, fn in variants.values():
+        propagate.set_global_textmap(textmap)
+        sample(fn, loops)  # warm up
+    gc.disable()
+    try:
+        for order in rotations(names, reps):
+            for name in order:
+                textmap, fn = variants[name]
+                propagate.set_global_textmap(textmap)
+                times[name].append(sample(fn, loops))
+    finally:
+        gc.enable()
+        propagate.set_global_textmap(DEFAULT)
+    median = {name: statistics.median(values) * 1e6 for name, values in times.items()}
+    base = median["default (W3C)|relayed"]
+    print()
+    print("### Trace formats")
+    print()
+    print(
+        f"`inject` for `{DESTINATION}` (a route: baggage too), a request id, a "
+        "`traceparent` and 4 fields; µs per call, x = against the default, relayed."
+    )
+    print()
+    print("| global propagator | relayed µs | x | under a span µs | x | propagator alone µs |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in FORMATS:
+        relayed, span, alone = (median[f"{name}|{k}"] for k in ("relayed", "span", "alone"))
+        print(
+            f"| {name} | {relayed:.2f} | {relayed / base:.2f} | {span:.2f} | "
+            f"{span / base:.2f} | {alone:.2f} |"
+        )
+
+
 def sample(fn: Callable[[], object], loops: int) -> float:
     """Seconds per call over ``loops`` calls."""
     start = perf_counter()
@@ -137,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for op in ("inject", "extract"):
             ours, theirs = result[f"ctxrelay {op}"], result[f"otel {op}"]
             print(f"| {op} | {count} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f} |")
+    formats_table(reps, loops)
     return 0
 
 

@@ -8,7 +8,9 @@ What travels, per field of the current context:
 * ``traceparent`` / ``tracestate`` as themselves, unless OpenTelemetry has an
   active span that belongs to the context: then OpenTelemetry's headers are
   sent and the relayed ones are not (two conflicting trace parents would
-  split the trace);
+  split the trace).  When OpenTelemetry's global propagator speaks other
+  formats (B3, X-Ray, Jaeger), the trace goes out in those, as it writes
+  them (:func:`ctxrelay._otel.trace_headers`); an in-house carrier keeps W3C;
 * every other field as a W3C ``baggage`` member, percent-encoded; so does
   OpenTelemetry's baggage, less what an untrusted peer sent in.
 
@@ -37,7 +39,7 @@ from ._codec import (
 )
 from ._context import FIELD_NAME, REQUEST_ID, Context, current, validate_field
 from ._deadline import remaining_ms
-from ._otel import span_at_use
+from ._otel import BAGGAGE_LISTS, BAGGAGE_PREFIXES, baggage_entries, trace_headers
 from ._policy import PROXY_CREDENTIALS, Origin, Policy, Route, active, peer_of_client
 from ._request import RequestSnapshot
 
@@ -45,57 +47,12 @@ __all__ = ["Sent", "inject", "inject_hop", "outgoing"]
 
 _log = logging.getLogger("ctxrelay")
 
-# -- OpenTelemetry (only when the host program already imported it) ------------
-_otel_propagator: Any = None
-
-
-def _otel_trace_headers(relayed: str | None) -> dict[str, str] | None:
-    """OpenTelemetry's trace headers when its active span speaks for the
-    context, else None.  ``relayed`` is the context's own ``traceparent``.
-
-    A valid span speaks for the context when it is in the context's trace,
-    or it was not already current when the ``use()`` that bound the context
-    was entered (it was started under it, or no ``use()`` is in force, as
-    at the door).  A span that was current already when ``use(ctx)`` was
-    entered, in another trace or when the context has none, is stale: a
-    thread started during request A still holds A's span when it takes up
-    message B, and B's request id must not go out with A's trace (while B's
-    own is dropped).
-    """
-    global _otel_propagator
-    trace: Any = sys.modules.get("opentelemetry.trace")
-    if trace is None:
-        return None
-    span = trace.get_current_span()
-    context = span.get_span_context()
-    if not context.is_valid:
-        return None
-    if span is span_at_use() and (relayed is None or f"{context.trace_id:032x}" != relayed[3:35]):
-        return None  # a stale span from before use(): the relayed trace (if any) wins
-    if _otel_propagator is None:
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        _otel_propagator = TraceContextTextMapPropagator()
-    carrier: dict[str, str] = {}
-    _otel_propagator.inject(carrier)
-    return carrier
-
-
-def _otel_baggage() -> Mapping[str, object]:
-    baggage: Any = sys.modules.get("opentelemetry.baggage")
-    if baggage is None:
-        return {}
-    entries: Mapping[str, object] = baggage.get_all()
-    return entries
-
-
 # -- what an untrusted peer sent as baggage ------------------------------------
-# Inbound headers that carry baggage: W3C's and the Jaeger client's lists
-# (``k=v,k2=v2``), and the Jaeger and OpenTracing propagators' one header per
-# entry (``uberctx-k: v``, ``ot-baggage-k: v``), all of which OpenTelemetry
-# ships parsers for.
-_BAGGAGE_LISTS = frozenset({BAGGAGE, "jaeger-baggage"})
-_BAGGAGE_PREFIXES = ("uberctx-", "ot-baggage-")
+# The inbound headers that carry baggage are BAGGAGE_LISTS and
+# BAGGAGE_PREFIXES (kept in _otel, which also keeps propagators from writing
+# them): W3C's and the Jaeger client's lists (``k=v,k2=v2``), and the Jaeger
+# and OpenTracing propagators' one header per entry (``uberctx-k: v``,
+# ``ot-baggage-k: v``), all of which OpenTelemetry ships parsers for.
 
 
 def _readings(text: str, properties: bool) -> set[str]:
@@ -137,9 +94,9 @@ def _arrived_lines(request: RequestSnapshot) -> list[tuple[str, str]] | None:
 
 def _baggage_members_sent(header: str, value: str) -> list[str]:
     """The ``name=value`` members a header line carries as baggage (or none)."""
-    if header in _BAGGAGE_LISTS:
+    if header in BAGGAGE_LISTS:
         return value.split(",")  # every line: OpenTelemetry reads only the first
-    for prefix in _BAGGAGE_PREFIXES:
+    for prefix in BAGGAGE_PREFIXES:
         if header.startswith(prefix):
             return [f"{header[len(prefix) :]}={value}"]
     return []
@@ -180,6 +137,9 @@ def _sent_by_untrusted_peer(ctx: Context, policy: Policy, entries: Mapping[str, 
 
 
 # -- inject ------------------------------------------------------------------
+_W3C_TRACE = frozenset({TRACEPARENT, TRACESTATE})
+
+
 @dataclass(frozen=True)
 class Sent:
     """What ctxrelay added to one outgoing request, so a redirect can undo it.
@@ -205,12 +165,15 @@ def _may_send(name: str, route: Route, policy: Policy, credentials: bool) -> boo
 
 
 def outgoing(
-    ctx: Context, policy: Policy, route: Route, *, credentials: bool = True
+    ctx: Context, policy: Policy, route: Route, *, credentials: bool = True, formats: bool = True
 ) -> dict[str, str]:
     """The headers ``route`` receives from ``ctx`` (lowercase names).
 
     ``credentials=False`` withholds every sensitive header and field: a
-    redirect that left the first hop's origin gets none.
+    redirect that left the first hop's origin gets none.  ``formats=False``
+    writes the trace as W3C ``traceparent``/``tracestate`` whatever
+    OpenTelemetry's global propagator speaks: an in-house carrier is read
+    back by ctxrelay's ``extract``, which reads W3C.
     """
     out: dict[str, str] = {}
     fields = ctx._fields
@@ -229,9 +192,15 @@ def outgoing(
         if left is not None:  # the time left, re-read by the receiver's own clock
             out[policy.deadline_header] = str(left)
     if route.trace:
-        otel = _otel_trace_headers(fields.get(TRACEPARENT))
+        otel = trace_headers(fields.get(TRACEPARENT), fields.get(TRACESTATE), formats=formats)
         if otel is not None:
-            out.update(otel)
+            for name, value in otel.items():
+                # A propagator's header never replaces one ctxrelay set, and
+                # a name the policy calls sensitive needs a route naming it.
+                if name in _W3C_TRACE or (
+                    name not in out and _may_send(name, route, policy, credentials)
+                ):
+                    out[name] = value
         elif TRACEPARENT in fields:
             out[TRACEPARENT] = fields[TRACEPARENT]
             if TRACESTATE in fields:
@@ -259,7 +228,7 @@ def _baggage_members(
     # OpenTelemetry's baggage rides along; ctxrelay's own fields win.
     otel = {
         name: entry
-        for name, entry in _otel_baggage().items()
+        for name, entry in baggage_entries().items()
         if isinstance(entry, str) and name not in fields and name not in skip
     }
     if otel:
@@ -326,7 +295,7 @@ def inject(headers: MutableMapping[str, str], *, destination: str | None = None)
         ctx = current()
         if _strict.STATE.on and not ctx:
             _strict.lost_call(_strict.handoff_site(sys._getframe(1)))
-        out = outgoing(ctx, policy, route)
+        out = outgoing(ctx, policy, route, formats=destination is not None)
         _set_missing(headers, out if destination is None else _http_safe(out))
     except Exception:
         _log.exception("ctxrelay: inject() failed; the request goes without context headers")

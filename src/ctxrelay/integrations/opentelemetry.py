@@ -37,6 +37,14 @@ outermost.
 
 The extra ``opentelemetry`` installs ``opentelemetry-api`` (what the core's
 trace interop reads) and ``opentelemetry-sdk`` (the span processor's base).
+That interop needs no import of this module: whenever the program has
+imported OpenTelemetry, ``ctxrelay.inject`` (and so every outgoing-call
+integration) writes the trace of the span that speaks for the context, in
+the formats of OpenTelemetry's global propagator -- B3, X-Ray or Jaeger when
+``set_global_textmap`` or ``OTEL_PROPAGATORS`` names them (their packages
+installed), W3C ``traceparent`` by default.  Propagators never write baggage
+for ctxrelay: baggage leaves in ctxrelay's W3C ``baggage`` header alone,
+under the policy.
 """
 
 from __future__ import annotations
