@@ -168,7 +168,8 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     env |= {"CTXRELAY_OTEL_SPANS": str(spans), "CTXRELAY_OTEL_SECRET": SECRET}
     process = WorkerProcess(args, tmp / "worker.log", env).start()
     try:
-        assert app.signature(PING).delay().get(timeout=TIMEOUT) is None  # ready
+        # Ready; published without a context, the job runs with a fresh id.
+        assert isinstance(app.signature(PING).delay().get(timeout=TIMEOUT), str)
         yield Worker(app, spans)
     finally:
         process.stop()
