@@ -65,29 +65,16 @@ KNOWN_INCOMPLETE: dict[str, str] = {
     "ctxrelay.integrations.structlog.MergeContext.request": "integrations/structlog.py",
     "ctxrelay.integrations.structlog.merge_context": "integrations/structlog.py",
     # integrations/dramatiq.py, taskiq.py: self.signer: Signer | None
-    "ctxrelay.integrations.dramatiq.exc": "integrations/dramatiq.py",
-    "ctxrelay.integrations.dramatiq.ContextMiddleware.signer": "integrations/dramatiq.py",
-    "ctxrelay.integrations.dramatiq.install": "integrations/dramatiq.py",
-    "ctxrelay.integrations.taskiq.exc": "integrations/taskiq.py",
-    "ctxrelay.integrations.taskiq.ContextMiddleware.signer": "integrations/taskiq.py",
-    "ctxrelay.integrations.taskiq.install": "integrations/taskiq.py",
     # Work in progress elsewhere when this list was written (not yet committed then):
     # integrations/_worker_id.py with dramatiq's and taskiq's `ids`: `enabled: bool`,
     # ContextMiddleware's `self.ids: FreshIds`; the log integrations' new options:
     # `self.id_length: int | None`, `self.trace_ids: bool`.
-    "ctxrelay.integrations._worker_id.FreshIds.enabled": "integrations/_worker_id.py",
-    "ctxrelay.integrations.dramatiq.ContextMiddleware.ids": "integrations/dramatiq.py",
-    "ctxrelay.integrations.taskiq.ContextMiddleware.ids": "integrations/taskiq.py",
     "ctxrelay.integrations.logging.ContextFilter.id_length": "integrations/logging.py",
     "ctxrelay.integrations.logging.ContextFilter.trace_ids": "integrations/logging.py",
     "ctxrelay.integrations.loguru.ContextPatcher.id_length": "integrations/loguru.py",
     "ctxrelay.integrations.loguru.ContextPatcher.trace_ids": "integrations/loguru.py",
     "ctxrelay.integrations.structlog.MergeContext.id_length": "integrations/structlog.py",
     "ctxrelay.integrations.structlog.MergeContext.trace_ids": "integrations/structlog.py",
-    "ctxrelay.integrations.arq.exc": "integrations/arq.py",
-    "ctxrelay.integrations.celery.exc": "integrations/celery.py",
-    "ctxrelay.integrations.rq.exc": "integrations/rq.py",
-    "ctxrelay.integrations.opentelemetry.exc": "integrations/opentelemetry.py",
     # demo/services.py: self.http: httpx.Client; self.response_sent: threading.Event
     "ctxrelay.demo.services.OrderService.http": "demo/services.py",
     "ctxrelay.demo.services.OrderService.response_sent": "demo/services.py",

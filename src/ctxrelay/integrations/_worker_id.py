@@ -60,7 +60,7 @@ class FreshIds:
             )
         #: What it was made from, to tell whether a configuration changed.
         self.config: tuple[bool, object] = (generate_id, generator)
-        self.enabled = generate_id
+        self.enabled: bool = generate_id
         gen: RequestIdGenerator | None = generator
         # None until the first job that needs one: then Django's, or the default.
         self._door: Door | None = None if gen is None else Door(generator=gen)

@@ -88,8 +88,8 @@ try:
     from arq.constants import job_key_prefix
     from arq.utils import ms_to_datetime
     from arq.worker import Function, func
-except ImportError as exc:  # without the extra installed (make dist checks it)
-    raise ImportError("ctxrelay.integrations.arq needs arq: pip install 'ctxrelay[arq]'") from exc
+except ImportError as _exc:  # without the extra installed (make dist checks it)
+    raise ImportError("ctxrelay.integrations.arq needs arq: pip install 'ctxrelay[arq]'") from _exc
 
 from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
 from .._context import Context, current, enter, leave, narrowed, read_current

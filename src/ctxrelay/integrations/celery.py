@@ -110,10 +110,10 @@ from typing import Any
 
 try:
     from celery import Celery, signals  # type: ignore[import-untyped]
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.celery needs Celery: pip install 'ctxrelay[celery]'"
-    ) from exc
+    ) from _exc
 
 from .._carrier import (
     KEY,

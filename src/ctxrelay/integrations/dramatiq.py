@@ -70,10 +70,10 @@ try:
     from dramatiq import Broker, Message, Middleware
     from dramatiq.broker import MessageProxy
     from dramatiq.middleware import SkipMessage
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.dramatiq needs Dramatiq: pip install 'ctxrelay[dramatiq]'"
-    ) from exc
+    ) from _exc
 
 from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
 from .._context import REQUEST_ID, Context, begin, current, leave, narrowed
@@ -102,8 +102,8 @@ class ContextMiddleware(Middleware):
         generate_id: bool = True,
         generator: RequestIdGenerator | None = None,
     ) -> None:
-        self.signer = as_signer(secret)
-        self.ids = FreshIds(
+        self.signer: Signer | None = as_signer(secret)
+        self.ids: FreshIds = FreshIds(
             generate_id, generator, owner="ctxrelay.integrations.dramatiq.ContextMiddleware()"
         )
         # Worker threads process one message at a time: a per-thread stack of

@@ -55,11 +55,11 @@ from typing import Final
 try:
     from opentelemetry.context import Context as OtelContext
     from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.opentelemetry needs opentelemetry-sdk: "
         "pip install 'ctxrelay[opentelemetry]'"
-    ) from exc
+    ) from _exc
 
 from .._context import REQUEST_ID, Context, validate_field
 from .._logfields import PerContext, masked_fields

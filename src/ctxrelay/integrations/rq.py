@@ -65,10 +65,10 @@ try:
     from rq.job import Job
     from rq.queue import Queue
     from rq.worker import SimpleWorker, Worker
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.rq needs RQ (1.16 to 3.x): pip install 'ctxrelay[rq]'"
-    ) from exc
+    ) from _exc
 
 from .._carrier import KEY, Signer, binding, capture, restore, with_local
 from .._context import Context, begin, current, leave, narrowed, read_current, use

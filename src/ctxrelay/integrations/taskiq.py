@@ -81,10 +81,10 @@ try:
     from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
     from taskiq.decor import AsyncTaskiqDecoratedTask
     from taskiq.kicker import AsyncKicker
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.taskiq needs taskiq: pip install 'ctxrelay[taskiq]'"
-    ) from exc
+    ) from _exc
 
 from .._carrier import KEY, Secret, Signer, as_signer, binding, capture, restore, with_local
 from .._context import Context, current, enter, leave, narrowed, read_current
@@ -259,8 +259,8 @@ class ContextMiddleware(TaskiqMiddleware):
         generator: RequestIdGenerator | None = None,
     ) -> None:
         super().__init__()
-        self.signer = as_signer(secret)
-        self.ids = FreshIds(
+        self.signer: Signer | None = as_signer(secret)
+        self.ids: FreshIds = FreshIds(
             generate_id, generator, owner="ctxrelay.integrations.taskiq.ContextMiddleware()"
         )
 
