@@ -176,6 +176,7 @@ print("PROBE " + json.dumps({{
     "fresh_body": fresh.json()["request_id"] == new,
     "fresh_user": fresh.json()["user"],
     "bad": bad.status_code,
+    "bad_body": bad.text,
 }}))
 """
 
@@ -189,9 +190,12 @@ def test_starlette_context_after_answers_as_before() -> None:
         "fresh_body": True,
         "fresh_user": "anonymous",
         "bad": 400,
+        "bad_body": "invalid request id\n",
     }
     _needs("starlette_context")
     before, _ = run(example("starlette-context", "Before"), STARLETTE_PROBE)
+    assert before.pop("bad_body") == ""  # its default_error_response: an empty 400
+    del after["bad_body"]
     assert before == after
 
 
