@@ -5,15 +5,22 @@ embedded (Celery's in-memory broker, a worker thread) and on Redis (a worker
 process).  The tests check every hop of the relayed walk, and that the walk
 without the relay loses the context: 401s downstream, the canary tag
 lost, log lines without the request id, an audit that cannot read the request.
+And the deadline: the order page runs under a default timeout, and the
+deliberately slow cart is cut at it with the relay (the page answers 200 in
+time and says so, the cart stops) but runs past it without (the door answers
+504, the cart works its full time) -- and no walk's work outlives its walk.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import socket
 import subprocess
 import sys
+import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +36,9 @@ from ctxrelay.demo.hops import (
     MEMBER_HOP,
     Hop,
 )
-from ctxrelay.demo.report import Result, Walk, problems
-from ctxrelay.demo.shop import CANARY, USER
+from ctxrelay.demo.report import CartWork, Result, Walk, problems
+from ctxrelay.demo.shop import BUDGET, CANARY, ORDER_ID, RENDER_RESERVE, SLOW_CART, USER
+from ctxrelay.demo.tasks import TASK, collect, make_app, worker_process
 from tests.brokers import ROOT, flush_redis, need_rabbitmq, need_redis, redis_url
 
 #: Seconds a whole demo run may take (it takes a few).
@@ -114,13 +122,50 @@ def test_relayed_walk_cookie_reaches_member_cart_and_audit_but_never_the_broker(
     assert hops[CELERY_HOP]["cookie"] is False
 
 
-def test_relayed_walk_downstream_answers_200_and_cart_serves_the_canary(
+def test_relayed_walk_member_answers_200_and_the_slow_cart_is_cut_at_the_deadline(
     embedded: Document,
 ) -> None:
     hops = _hops(embedded, True)
-    assert [hops[n]["status"] for n in (HANDLER_HOP, MEMBER_HOP, CART_HOP)] == [200, 200, 200]
-    assert "canary cart" in hops[CART_HOP]["result"]
+    assert [hops[n]["status"] for n in (HANDLER_HOP, MEMBER_HOP)] == [200, 200]
+    assert [hops[n]["cut"] for n in HOPS] == [False, False, True, False, False]
+    cart = hops[CART_HOP]
+    assert cart["status"] is None  # it never answered: the call was cut
+    assert cart["result"].startswith("cut at the deadline after ")
+    assert cart["result"].endswith(": DeadlineExceeded")
+    assert " shop.order: cart items cut at the deadline after " in cart["log_line"]
     assert "canary template" in hops[CELERY_HOP]["result"]
+    # The page answered 200 within the budget, and says what it could not show.
+    walk = _walk(embedded, True)
+    assert walk["status"] == 200
+    assert walk["page"] == "200, addresses: 2, items: not shown: no answer within the deadline"
+    assert walk["answered_in"] < BUDGET
+    assert (embedded["budget"], embedded["slow_cart"]) == (BUDGET, SLOW_CART)
+
+
+def test_relayed_walk_the_time_left_travels_to_the_pool_and_on_the_wire(
+    embedded: Document,
+) -> None:
+    hops = _hops(embedded, True)
+    lookups = (BUDGET - RENDER_RESERVE) * 1000
+    for name in (MEMBER_HOP, CART_HOP):
+        hop = hops[name]
+        # The pool thread had the lookups' deadline, and the service called
+        # received what was left of it in the header.
+        assert hop["deadline_ms"] is not None, hop
+        assert 0 < hop["deadline_ms"] <= lookups, hop
+        assert hop["arrived_deadline_ms"] is not None, hop
+        assert 0 < hop["arrived_deadline_ms"] <= hop["deadline_ms"], hop
+    assert 0 < hops[HANDLER_HOP]["arrived_deadline_ms"] <= BUDGET * 1000
+    # The audit and the mail must outlive the request: without_deadline().
+    assert (hops[AUDIT_HOP]["deadline_ms"], hops[CELERY_HOP]["deadline_ms"]) == (None, None)
+
+
+def test_relayed_walk_the_cart_stops_working_when_its_call_is_cut(embedded: Document) -> None:
+    cart = _walk(embedded, True)["cart"]
+    assert cart["finished"] is False
+    # Cut at the lookups' deadline; it saw the hang-up a poll later.
+    assert cart["seconds"] < BUDGET < SLOW_CART
+    assert cart["after_answer"] < SLOW_CART / 4
 
 
 def test_relayed_walk_request_id_arrives_at_member_and_cart(embedded: Document) -> None:
@@ -190,6 +235,44 @@ def test_unrelayed_walk_logs_lose_the_request_id_off_the_request_thread(
         assert hops[name]["log_line"].startswith("INFO [- -] shop."), name
 
 
+def test_unrelayed_walk_the_slow_cart_runs_past_the_deadline_and_the_door_answers_504(
+    embedded: Document,
+) -> None:
+    walk = _walk(embedded, False)
+    cart = _hops(embedded, False)[CART_HOP]
+    # The plain pool thread has no deadline: the call waits for the slow cart,
+    # and none travels on the wire.
+    assert (cart["deadline_ms"], cart["arrived_deadline_ms"], cart["cut"]) == (None, None, False)
+    assert cart["status"] == 401
+    assert {"hop": CART_HOP, "problem": "ran past the deadline"} in walk["problems"]
+    # The door answered at the page's timeout, naming the request.
+    assert walk["status"] == 504
+    assert walk["page"] == f"504 deadline exceeded (request id {walk['request_id']})"
+    assert BUDGET <= walk["answered_in"] < SLOW_CART
+    assert {"hop": "order page", "problem": "answered 504"} in walk["problems"]
+
+
+def test_unrelayed_walk_the_cart_works_its_full_time_after_the_user_had_the_answer(
+    embedded: Document,
+) -> None:
+    walk = _walk(embedded, False)
+    cart = walk["cart"]
+    assert cart["finished"] is True
+    assert cart["seconds"] >= SLOW_CART - 0.05
+    assert cart["after_answer"] >= SLOW_CART - walk["answered_in"] - 0.1
+    assert any(p["problem"].startswith("the cart worked ") for p in walk["problems"])
+
+
+def test_no_work_of_the_first_walk_outlives_it(embedded: Document) -> None:
+    # The slow cart's call, the handler thread that waited for it, the audit
+    # and the mail task all ended inside the walk: the next walk starts on a
+    # quiet shop (its work cannot meet a late reply or a late call).
+    off, on = embedded["walks"]
+    assert off["cart"]["began"] >= off["began"]
+    assert off["cart"]["ended"] <= off["ended"] <= on["began"]
+    assert on["began"] <= on["cart"]["began"] <= on["cart"]["ended"] <= on["ended"]
+
+
 def test_unrelayed_walk_audit_is_blind_and_mail_task_has_no_user(embedded: Document) -> None:
     hops = _hops(embedded, False)
     assert hops[AUDIT_HOP]["result"] == "ctxrelay.request() is None"
@@ -232,7 +315,10 @@ def test_redis_demo_unrelayed_task_reaches_the_worker_without_its_request(
 ) -> None:
     mail = _hops(on_redis, False)[CELERY_HOP]
     assert mail["pid"] != on_redis["pid"]
-    assert (mail["request_id"], mail["user"], mail["canary"]) == (None, None, None)
+    # The worker has ctxrelay installed: a job arriving without a request id
+    # runs with a fresh one -- never the request's, which did not travel.
+    assert mail["request_id"] != _walk(on_redis, False)["request_id"]
+    assert (mail["user"], mail["canary"]) == (None, None)
     assert _walk(on_redis, False)["correct"] is False
 
 
@@ -246,6 +332,34 @@ def test_amqp_demo_relays_through_rabbitmq_with_rpc_results() -> None:
     mail = _hops(document, True)[CELERY_HOP]
     assert mail["pid"] != document["pid"]
     assert (mail["user"], mail["canary"], mail["cookie"]) == (USER, CANARY, False)
+    assert _hops(document, False)[CELERY_HOP]["result"] == f"no user to mail {ORDER_ID} to"
+
+
+@pytest.mark.broker
+def test_amqp_results_arrive_when_a_later_publisher_thread_reuses_an_earlier_ones_ident() -> None:
+    # Celery's RPC backend names its reply queue after the publishing thread's
+    # ident, which the OS reuses once that thread has ended; a consumer left
+    # subscribed to the queue by an earlier result then takes half the
+    # replies.  The demo's order handlers are such threads, one per walk.
+    url = need_rabbitmq()
+    queue = f"ctxrelay-demo-test-{uuid.uuid4().hex[:8]}"
+    app = make_app(url, queue)
+    idents: list[int] = []
+    published: list[Any] = []
+
+    def publish(order: str) -> None:
+        idents.append(threading.get_ident())
+        published.append(app.tasks[TASK].delay(order))
+
+    with worker_process(app, queue):
+        for number in range(4):
+            publisher = threading.Thread(target=publish, args=(f"o-{number}",))
+            publisher.start()
+            publisher.join()  # ended: the next thread may get its ident
+            reported = collect(published[number], 20)
+            assert reported["result"] == f"no user to mail o-{number} to"
+    if len(set(idents)) == len(idents):
+        pytest.skip("every publisher thread had a new ident: the case cannot be made here")
 
 
 def test_unsupported_broker_exits_2_with_one_line_before_anything_starts() -> None:
@@ -324,7 +438,23 @@ def test_text_report_through_the_ctxrelay_command_shows_both_walks() -> None:
     assert finished.returncode == 0, finished.stdout + finished.stderr
     out = finished.stdout
     assert out.startswith("ctxrelay demo: the order-confirmation page, walked twice.")
-    assert "OK: with ctxrelay every hop saw its request (exit status 0)." in out
+    assert "OK: with ctxrelay every hop saw its request, and its deadline (exit status 0)." in out
+    assert f"RelayMiddleware(app,\ntimeout={BUDGET:g})" in out
+    assert "The deadline: the order page has 0.8 s, the cart works 2 s on a call." in out
+    lines = out.splitlines()
+    off = lines.index(next(line for line in lines if line.startswith("  relay off: after ")))
+    assert re.fullmatch(
+        r"  relay off: after \d+\.\d\d s the user saw: "
+        r"504 deadline exceeded \(request id req-\w+\)",
+        lines[off],
+    )
+    assert lines[off + 1].strip().startswith("the cart worked ")
+    assert ", its full time: " in lines[off + 1]
+    assert lines[off + 2].startswith("  relay on:  after ")
+    assert lines[off + 2].endswith(
+        " the user saw: 200, addresses: 2, items: not shown: no answer within the deadline"
+    )
+    assert "then stopped: its caller hung up at the deadline (x-request-timeout-ms: " in out
     member_off = next(line for line in out.splitlines() if line.startswith(MEMBER_HOP))
     assert "LOST" in member_off
     assert "401 login required" in member_off
@@ -343,6 +473,12 @@ _BREAKS: list[tuple[str, dict[str, Any]]] = [
     (MEMBER_HOP, {"cookie": False}),
     (CELERY_HOP, {"cookie": True}),
     (CART_HOP, {"canary": None}),
+    (CART_HOP, {"cut": False, "status": 200}),  # the slow cart answered: not cut
+    (MEMBER_HOP, {"cut": True, "status": None}),  # a fast service cut
+    (MEMBER_HOP, {"deadline_ms": None}),  # the pool thread had no deadline
+    (CART_HOP, {"arrived_deadline_ms": None}),  # the time left never reached the cart
+    (AUDIT_HOP, {"deadline_ms": 120}),  # work that must outlive the request
+    (CELERY_HOP, {"deadline_ms": 120}),
     (MEMBER_HOP, {"status": 401}),
     (HANDLER_HOP, {"arrived_request_id": None}),
     (MEMBER_HOP, {"arrived_request_id": None}),
@@ -366,6 +502,18 @@ def test_verdict_fails_when_any_relayed_hop_breaks(
     assert {hop for hop, _ in found} == {name}
     broken = Walk(True, request_id, 200, request_id, hops, 0.0, found)
     assert not Result(1, "memory://", "thread", (broken,)).ok
+
+
+def test_verdict_fails_when_the_cart_works_its_full_time(embedded: Document) -> None:
+    walk = _walk(embedded, True)
+    hops = {h["name"]: Hop.from_dict(h) for h in walk["hops"]}
+    request_id = walk["request_id"]
+    stopped = CartWork(0.5, 0.0, False, 1.0, 1.5)
+    assert problems(request_id, 200, request_id, hops, stopped) == ()
+    worked_on = dataclasses.replace(stopped, seconds=SLOW_CART, after_answer=1.5, finished=True)
+    assert problems(request_id, 200, request_id, hops, worked_on) == (
+        (CART_HOP, "the cart worked 1.5 s past the answer"),
+    )
 
 
 def test_verdict_fails_when_a_hop_never_reports_or_stays_on_the_request_thread(
@@ -450,6 +598,6 @@ def test_the_relay_off_walk_names_each_lost_hand_off_through_strict_mode(
     assert [source[n - 1].strip().split("(")[0] for n in lines] == [
         "addresses = self.pool.submit",
         "items = self.pool.submit",
-        "self.thread_class",
+        "self.audit.start",
     ]
     assert all(r["kind"] == "lost-context" for r in off["strict_mode"])

@@ -39,6 +39,7 @@ __all__ = [
     "LineRecorder",
     "attach_logging",
     "detach_logging",
+    "left_ms",
     "logging_to_recorder",
     "observe",
 ]
@@ -90,6 +91,14 @@ class Hop:
     arrived_request_id: str | None = None
     #: Whether the work ran after the client had the whole response (audit only).
     after_response: bool | None = None
+    #: Milliseconds the work had left when it started (``ctxrelay.remaining()``
+    #: where it ran); ``None``: no deadline there.
+    deadline_ms: int | None = None
+    #: The milliseconds the other service says it received in the deadline
+    #: header (calls only): the time left, as it travelled on the wire.
+    arrived_deadline_ms: int | None = None
+    #: A call cut at the deadline (``ctxrelay.DeadlineExceeded``) instead of answered.
+    cut: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (also how a Celery worker sends its hop back)."""
@@ -159,8 +168,16 @@ def observe(
     status: int | None = None,
     arrived_request_id: str | None = None,
     after_response: bool | None = None,
+    deadline_ms: int | None = None,
+    arrived_deadline_ms: int | None = None,
+    cut: bool = False,
 ) -> Hop:
-    """Log ``message`` and describe this hop, from the context current here."""
+    """Log ``message`` and describe this hop, from the context current here.
+
+    ``deadline_ms``: what the work had left when it started; by default,
+    what is left now."""
+    if deadline_ms is None:
+        deadline_ms = left_ms()
     log.info(message, extra={"hop": name})
     return Hop(
         name=name,
@@ -176,4 +193,13 @@ def observe(
         status=status,
         arrived_request_id=arrived_request_id,
         after_response=after_response,
+        deadline_ms=deadline_ms,
+        arrived_deadline_ms=arrived_deadline_ms,
+        cut=cut,
     )
+
+
+def left_ms() -> int | None:
+    """The milliseconds the current context has left; ``None``: no deadline."""
+    left = ctxrelay.remaining()
+    return None if left is None else max(0, int(left * 1000))

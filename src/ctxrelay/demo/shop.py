@@ -11,11 +11,15 @@ import secrets
 import ctxrelay
 
 __all__ = [
+    "BUDGET",
     "CANARY",
     "COOKIE",
+    "DEADLINE_HEADER",
     "ORDER_ID",
+    "RENDER_RESERVE",
     "SESSION",
     "SESSIONS",
+    "SLOW_CART",
     "USER",
     "browser_headers",
     "new_request_id",
@@ -34,6 +38,20 @@ SESSIONS = {SESSION: USER}
 CANARY = "canary"
 
 ORDER_ID = "o-1001"
+
+#: Seconds: the order page's default timeout, given at the door
+#: (``RelayMiddleware(app, timeout=BUDGET)``, as Spring's ``setDefaultTimeout``
+#: gives async requests one), and the part of it the handler keeps to answer:
+#: its lookups get the rest.  Generous enough that a busy machine still
+#: answers the relayed page in time; the cart is slower by far.
+BUDGET = 0.8
+RENDER_RESERVE = 0.3
+#: Seconds the deliberately slow cart service works on a call, unless its
+#: caller hangs up first.
+SLOW_CART = 2.0
+#: The header that carries the time left to the services called, in
+#: milliseconds (ctxrelay's default ``Policy.deadline_header``).
+DEADLINE_HEADER = "x-request-timeout-ms"
 
 
 def new_request_id() -> str:

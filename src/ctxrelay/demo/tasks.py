@@ -18,16 +18,21 @@ Two workers are offered:
   on RabbitMQ, through Celery's RPC backend (reply messages on the same
   broker): Celery 5 has no AMQP result backend, so the broker URL cannot be
   the backend there.
+
+:func:`collect` reads a task's result and leaves nothing of it behind, so
+that one walk of the demo cannot disturb the next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery  # type: ignore[import-untyped]
+from celery.backends.rpc import RPCBackend  # type: ignore[import-untyped]
 from celery.contrib.testing.worker import start_worker  # type: ignore[import-untyped]
 from kombu.utils.url import maybe_sanitize_url
 
@@ -49,6 +55,7 @@ __all__ = [
     "UnsupportedBroker",
     "Worker",
     "backend_for",
+    "collect",
     "embedded_worker",
     "make_app",
     "send_confirmation",
@@ -134,6 +141,48 @@ def make_app(broker: str | None, queue: str) -> Celery:
         app.conf.broker_transport_options = {"polling_interval": 0.01}
     app.task(name=TASK)(send_confirmation)
     return app
+
+
+def collect(published: Any, timeout: float) -> Any:
+    """The result of the task ``published``, once its worker has reported it
+    (at most ``timeout`` seconds); then the result is forgotten, and on
+    RabbitMQ its reply queue deleted.
+
+    It polls (``ready()``) rather than waiting in ``get()``, and that is the
+    point.  Celery's RPC backend receives replies on a queue named after the
+    *publishing thread* -- the process, the thread's ident, the app -- and the
+    consumer that ``get()`` opens stays subscribed for the rest of the
+    process.  Thread idents are reused once a thread has ended: the order
+    handler of a later walk, on a fresh thread, can get an earlier handler's
+    ident and so its reply queue, which still has the earlier walk's consumer
+    on it; RabbitMQ then hands the new reply to either consumer -- often the
+    stale one -- and ``get()`` times out.  Polling opens no consumer, and the queue is
+    deleted once its reply is read: nothing of one walk is left to catch the
+    next one's result.  (The next publish declares the queue again.)
+    """
+    until = time.monotonic() + timeout
+    try:
+        while not published.ready():
+            if time.monotonic() >= until:
+                raise TimeoutError(f"no result within {timeout:g} s")
+            time.sleep(0.02)
+        return published.get(timeout=timeout)  # ready: read from its cache
+    finally:
+        # A real result backend keeps it otherwise; Celery before 5.4 raises
+        # NotImplementedError for RPC results, which get() consumed already.
+        with contextlib.suppress(NotImplementedError):
+            published.forget()
+        _delete_reply_queue(published.backend)
+
+
+def _delete_reply_queue(backend: Any) -> None:
+    if not isinstance(backend, RPCBackend):
+        return  # Redis and memory results are keys: forget() removed them
+    try:
+        with backend.app.connection_for_write() as connection:
+            backend.binding(connection.default_channel).delete()
+    except Exception as exc:
+        print(f"ctxrelay demo: could not delete the reply queue: {exc!r}", file=sys.stderr)
 
 
 def shown(app: Celery) -> str:

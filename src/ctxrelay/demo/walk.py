@@ -7,7 +7,7 @@ Imported by :mod:`ctxrelay.demo` only when the demo runs, since it needs the
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -19,9 +19,18 @@ from typing import Any
 import ctxrelay
 from ctxrelay.integrations import celery as celery_relay
 
-from .hops import Hop, logging_to_recorder
-from .report import INTRO, Result, Walk, as_json, as_text, problems
-from .services import WAIT, OrderService, browse, cart_app, member_app, serve
+from .hops import CART_HOP, Hop, logging_to_recorder
+from .report import INTRO, CartWork, Result, Walk, as_json, as_text, problems
+from .services import (
+    WAIT,
+    CartCall,
+    CartLedger,
+    OrderService,
+    browse,
+    cart_app,
+    member_app,
+    serve,
+)
 from .shop import new_request_id, policy
 from .tasks import (
     TASK,
@@ -29,6 +38,7 @@ from .tasks import (
     UnsupportedBroker,
     Worker,
     backend_for,
+    collect,
     embedded_worker,
     make_app,
     shown,
@@ -88,15 +98,17 @@ def running(broker: str | None = None) -> Iterator[Result]:
     result; everything is stopped when the block ends."""
     queue = f"ctxrelay-demo-{uuid.uuid4().hex[:8]}"
     app = make_app(broker, queue)
+    ledger = CartLedger()
     previous = ctxrelay.configure(policy())
     try:
         with (
             logging_to_recorder(),
             _worker(app, broker, queue) as worker,
             serve(member_app(), "member") as member,
-            serve(cart_app(), "cart") as cart,
+            serve(cart_app(ledger), "cart") as cart,
         ):
-            walks = tuple(_walk(relay, member, cart, app, worker) for relay in (False, True))
+            shop = _Shop(member, cart, ledger, app, worker, time.monotonic())
+            walks = tuple(_walk(relay, shop) for relay in (False, True))
             yield Result(os.getpid(), shown(app), worker.description, walks)
     finally:
         ctxrelay.configure(previous)
@@ -120,28 +132,59 @@ def _celery_relay(app: Any, relay: bool) -> Iterator[None]:
         celery_relay.uninstall(app)
 
 
-def _walk(relay: bool, member: str, cart: str, app: Any, worker: Worker) -> Walk:
-    """One request through the shop: the browser's call, then every hop's report."""
+@dataclasses.dataclass(frozen=True)
+class _Shop:
+    """What every walk uses: the member and cart services (and the cart's
+    account of its calls), the Celery app and its worker, and when the demo
+    started walking."""
+
+    member: str
+    cart: str
+    ledger: CartLedger
+    app: Any
+    worker: Worker
+    origin: float
+
+
+def _walk(relay: bool, shop: _Shop) -> Walk:
+    """One request through the shop: the browser's call, then every hop's report.
+
+    Nothing of a walk outlives it: before it returns, the handler has ended
+    (without the relay it runs on after the door's 504, waiting for the slow
+    cart), the audit thread has been joined, the cart has stopped working on
+    the walk's call, the mail task has reported and its result is gone, and
+    the order service is stopped.  So the next walk starts on a quiet shop."""
     request_id = new_request_id()
-    service = OrderService(relay=relay, member=member, cart=cart, confirmation=app.tasks[TASK])
-    started = time.monotonic()
+    service = OrderService(
+        relay=relay, member=shop.member, cart=shop.cart, confirmation=shop.app.tasks[TASK]
+    )
+    began = time.monotonic()
     reports: tuple[dict[str, Any], ...] = ()
     try:
         with (
-            _celery_relay(app, relay),
+            _celery_relay(shop.app, relay),
             _strict_audit(not relay),
             serve(service.app(), "order") as order,
         ):
+            sent = time.monotonic()
             response = browse(order, request_id)
+            answered = time.monotonic()
             service.response_sent.set()  # the audit thread reads the request after this
-            hops = service.hops()
-            mail = _mail_hop(service.published, worker)
+            hops = service.hops()  # the handler has ended, the audit thread is joined
+            shop.ledger.wait_idle(WAIT)  # the cart works on nothing of this walk
+            mail = _mail_hop(service.published, shop.worker)
             if not relay:
                 reports = tuple(r for r in ctxrelay.strict_reports() if r["kind"] == "lost-context")
     finally:
         service.close()
+    ended = time.monotonic()
     if mail is not None:
         hops[mail.name] = mail
+    cart = None
+    calls = shop.ledger.since(began)
+    if len(calls) == 1 and calls[0].ended is not None:
+        cart = _cart_work(calls[0], answered, shop.origin)
+        hops = _cart_arrivals(hops, calls[0])
     status, echoed = response.status_code, response.headers.get("x-request-id")
     return Walk(
         relay=relay,
@@ -149,10 +192,61 @@ def _walk(relay: bool, member: str, cart: str, app: Any, worker: Worker) -> Walk
         status=status,
         echoed_request_id=echoed,
         hops=hops,
-        seconds=time.monotonic() - started,
-        problems=problems(request_id, status, echoed, hops),
+        seconds=ended - began,
+        problems=problems(request_id, status, echoed, hops, cart),
         strict=reports,
+        page=_page(response),
+        answered_in=answered - sent,
+        cart=cart,
+        began=began - shop.origin,
+        ended=ended - shop.origin,
     )
+
+
+def _cart_work(call: CartCall, answered: float, origin: float) -> CartWork:
+    ended = call.ended if call.ended is not None else call.started
+    return CartWork(
+        seconds=ended - call.started,
+        after_answer=max(0.0, ended - answered),
+        finished=call.finished,
+        began=call.started - origin,
+        ended=ended - origin,
+    )
+
+
+def _cart_arrivals(hops: dict[str, Hop], call: CartCall) -> dict[str, Hop]:
+    """A cart call cut at the deadline heard nothing back: what arrived at
+    the cart comes from the cart's own account."""
+    hop = hops.get(CART_HOP)
+    if hop is None or not hop.cut:
+        return hops
+    arrived = call.arrived
+    return {
+        **hops,
+        CART_HOP: dataclasses.replace(
+            hop,
+            cookie=arrived.get("cookie") is True,
+            canary=arrived.get("canary"),
+            arrived_request_id=arrived.get("request_id"),
+            arrived_deadline_ms=arrived.get("deadline_ms"),
+        ),
+    }
+
+
+def _page(response: Any) -> str:
+    """What the user saw, in a few words."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if status == 200 and isinstance(body, dict):
+        parts = [str(status)]
+        for name in ("addresses", "items"):
+            found = body.get(name)
+            parts.append(f"{name}: {len(found)}" if isinstance(found, list) else f"{name}: {found}")
+        return ", ".join(parts)
+    return f"{status} {' '.join(response.text.split())[:120]}"
 
 
 @contextmanager
@@ -178,12 +272,7 @@ def _mail_hop(published: Any, worker: Worker) -> Hop | None:
     if published is None:
         return None
     try:
-        reported = published.get(timeout=WAIT, interval=0.02)
-        # A real result backend keeps it otherwise.  RPC results are consumed
-        # by get(); Celery before 5.4 raises NotImplementedError for them.
-        with contextlib.suppress(NotImplementedError):
-            published.forget()
-        return Hop.from_dict(reported)
+        return Hop.from_dict(collect(published, WAIT))
     except Exception as exc:  # the report says "never reported"; say why here
         print(f"ctxrelay demo: the Celery task did not report: {exc!r}", file=sys.stderr)
         output = worker.output()
