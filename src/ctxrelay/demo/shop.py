@@ -44,8 +44,8 @@ ORDER_ID = "o-1001"
 #: gives async requests one), and the part of it the handler keeps to answer:
 #: its lookups get the rest.  Generous enough that a busy machine still
 #: answers the relayed page in time; the cart is slower by far.
-BUDGET = 0.8
-RENDER_RESERVE = 0.3
+BUDGET = 1.0
+RENDER_RESERVE = 0.4
 #: Seconds the deliberately slow cart service works on a call, unless its
 #: caller hangs up first.
 SLOW_CART = 2.0
