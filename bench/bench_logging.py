@@ -7,8 +7,11 @@ bound:
    every record (``%(asctime)s ... [%(request_id)s] ...``) and throws the line
    away: bare; asgi-correlation-id's ``CorrelationIdFilter`` (it carries one
    id); ctxrelay's ``ContextFilter`` (the id, plus every field in
-   ``record.ctxrelay``); and ``ContextFilter(prefix="ctx_")`` (every field also
-   as an attribute).
+   ``record.ctxrelay``); ``ContextFilter(prefix="ctx_")`` (every field also
+   as an attribute); ``ContextFilter(id_length=8)``; and
+   ``ContextFilter(trace_ids=True)`` with a ``traceparent`` bound and the
+   format showing ``%(otelTraceID)s %(otelSpanID)s`` (OpenTelemetry not
+   imported: the ids come from the relayed ``traceparent``).
 2. **structlog** -- ``log.info(...)`` rendered by ``KeyValueRenderer`` into a
    ``ReturnLogger``: bare; the fields already bound with ``log.bind()`` (the
    floor: no lookup at all); ``structlog.contextvars.merge_contextvars`` with
@@ -71,6 +74,7 @@ from ctxrelay.integrations.structlog import merge_context
 from harness import markdown_table, rotations
 
 REQUEST_ID = "bench-0001"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,14 @@ QUICK = Settings(reps=3, records=200)
 @dataclass(frozen=True)
 class Variant:
     """One way of logging: ``log()`` emits one record, inside ``context``;
-    ``check()`` returns one formatted line, which must carry the request id."""
+    ``check()`` returns one formatted line, which must carry ``expect`` (the
+    request id, or as much of it as the variant shows)."""
 
     name: str
     log: Callable[[], object]
     context: contextvars.Context
     check: Callable[[], str]
+    expect: str = REQUEST_ID
     record_class: type[logging.LogRecord] = dataclasses.field(
         default_factory=lambda: type("BenchRecord", (logging.LogRecord,), {})
     )
@@ -137,7 +143,11 @@ class FormattingHandler(logging.Handler):
 
 
 def _stdlib_variant(
-    name: str, fmt: str, log_filter: logging.Filter | None, context: contextvars.Context
+    name: str,
+    fmt: str,
+    log_filter: logging.Filter | None,
+    context: contextvars.Context,
+    expect: str = REQUEST_ID,
 ) -> Variant:
     handler = FormattingHandler()
     handler.setFormatter(logging.Formatter(fmt))
@@ -155,13 +165,15 @@ def _stdlib_variant(
         context.run(emit)
         return handler.last
 
-    return Variant(name, emit, context, check)
+    return Variant(name, emit, context, check, expect=expect)
 
 
 def stdlib_variants(count: int) -> list[Variant]:
-    """Bare, asgi-correlation-id, ctxrelay, ctxrelay with every attribute."""
+    """Bare, asgi-correlation-id, ctxrelay, ctxrelay with every attribute,
+    with the id cut, with the trace ids."""
     fields = _fields(count)
     ours = _context_with(ctxrelay.bind(fields))
+    traced = _context_with(ctxrelay.bind({**fields, "traceparent": TRACEPARENT}))
     theirs = contextvars.Context()
     theirs.run(correlation_id.set, REQUEST_ID)
     fmt = "%(asctime)s %(levelname)s [{}] %(name)s: %(message)s"
@@ -184,6 +196,19 @@ def stdlib_variants(count: int) -> list[Variant]:
             fmt.format("%(ctx_request_id)s"),
             ContextFilter(prefix="ctx_"),
             ours,
+        ),
+        _stdlib_variant(
+            f"ctxrelay `ContextFilter(id_length=8)` (id + {count} fields)",
+            fmt.format("%(request_id)s"),
+            ContextFilter(id_length=8),
+            ours,
+            expect=REQUEST_ID[:8],
+        ),
+        _stdlib_variant(
+            f"ctxrelay `ContextFilter(trace_ids=True)` (id + {count} fields + 2 ids shown)",
+            fmt.format("%(request_id)s %(otelTraceID)s %(otelSpanID)s"),
+            ContextFilter(trace_ids=True),
+            traced,
         ),
     ]
 
@@ -270,7 +295,7 @@ SECTIONS: dict[str, Callable[[int], list[Variant]]] = {
 
 #: Per section: the indexes of ctxrelay's variants, and of the anchors they race.
 RACES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    "stdlib logging": ((2, 3), (1,)),
+    "stdlib logging": ((2, 3, 4, 5), (1,)),
     "structlog": ((3,), (2,)),
     "loguru": ((2,), (1,)),
 }
@@ -364,7 +389,7 @@ def measure(section: str, count: int, settings: Settings) -> list[list[str]]:
     variants = SECTIONS[section](count)
     for variant in variants[1:]:  # the first is bare: no context on its lines
         line = variant.check()
-        if REQUEST_ID not in line:
+        if variant.expect not in line:
             raise SystemExit(f"{variant.name}: the line lacks the request id: {line!r}")
     samples = interleaved(variants, settings)
     names = [v.name for v in variants]
@@ -407,7 +432,7 @@ def run_one(section: str, index: int, count: int, records: int) -> None:
     variant.context.run(loop)
     line = variant.check()
     _leave_all()
-    if index and REQUEST_ID not in line:
+    if index and variant.expect not in line:
         raise SystemExit(f"{variant.name}: the line lacks the request id")
 
 
@@ -416,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--reps", type=int, help="repetitions per variant")
+    parser.add_argument("--counts", help="comma-separated numbers of fields bound (default: 10,50)")
     parser.add_argument(
         "--one", nargs=2, metavar=("SECTION", "INDEX"), help="only log through one variant"
     )
@@ -428,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     if args.reps:
         settings = dataclasses.replace(settings, reps=args.reps)
+    if args.counts:
+        counts = tuple(int(count) for count in args.counts.split(","))
+        settings = dataclasses.replace(settings, field_counts=counts)
     run(settings)
     return 0
 

@@ -4,29 +4,39 @@ One home for the rules the stdlib filter, the structlog processor and the
 loguru patcher share: which fields a line may show (sensitive ones masked,
 every value escaped so none can forge a line), which request-snapshot
 attributes may be copied, and the per-context memo that makes a record cost
-one ``ContextVar`` read whatever the number of fields.  The integrations
-adapt each library to it.
+one ``ContextVar`` read whatever the number of fields; the request id cut
+to a length (``id_length``); and the trace and span ids under
+OpenTelemetry's names (``trace_ids``).  The integrations adapt each library
+to it.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Generic, NoReturn, TypeVar
 
-from . import _policy
-from ._context import Context, read_current
+from ._codec import TRACEPARENT, valid_traceparent
+from ._context import REQUEST_ID, Context, read_current
 from ._deadline import deadline_of
 from ._escape import escaped_values, log_text
-from ._policy import MASK, Policy, active
+from ._otel import span_at_use
+from ._policy import MASK, STATE, Policy, active
 
 __all__ = [
     "DEADLINE_FIELD",
     "DEFAULT",
+    "NO_TRACE",
     "REQUEST_ATTRIBUTES",
+    "TRACE_FIELDS",
     "FrozenFields",
     "PerContext",
+    "TraceIds",
+    "TraceValues",
+    "id_length_of",
     "masked_fields",
+    "relayed_trace",
     "request_attributes",
     "request_values",
     "timed",
@@ -52,6 +62,18 @@ DEADLINE_FIELD: Final = "deadline_ms"
 
 #: How many contexts each filter remembers its output for (see PerContext).
 _CACHE_SIZE: Final = 256
+
+#: The names under which ``trace_ids=True`` shows the trace: OpenTelemetry's
+#: logging instrumentation's (``LoggingInstrumentor``) own record attributes,
+#: so that a format written for it (``%(otelTraceID)s``) works with either.
+TRACE_FIELDS: Final = ("otelTraceID", "otelSpanID", "otelTraceSampled", "otelServiceName")
+
+#: Trace id, span id, sampled, service name.
+TraceValues = tuple[str, str, bool, str]
+
+#: What OpenTelemetry's instrumentation writes without a span: ``"0"``, not
+#: 32 zeros, and an empty service name when the provider names none.
+NO_TRACE: Final[TraceValues] = ("0", "0", False, "")
 
 
 class FrozenFields(dict[str, str]):
@@ -82,19 +104,118 @@ class FrozenFields(dict[str, str]):
         return (FrozenFields, (dict(self),))
 
 
-def masked_fields(ctx: Context, policy: Policy) -> FrozenFields:
+def masked_fields(ctx: Context, policy: Policy, id_length: int | None = None) -> FrozenFields:
     """The fields of ``ctx`` as a log line may show them: each sensitive one's
-    value replaced by ``***``, every other one escaped (:func:`log_text`).
+    value replaced by ``***``, every other one escaped (:func:`log_text`);
+    the request id cut to its first ``id_length`` characters when given.
 
     Escaped too, though fields are validated: a field may hold a C1 control
     (NEL), U+2028 or an ESC, and come from the request (a captured header,
-    a baggage member) -- each could forge a line or rewrite a terminal.
+    a baggage member) -- each could forge a line or rewrite a terminal.  The
+    id is cut before it is escaped, so that a cut never splits an escape
+    (``\\x85`` cut to ``\\x8`` would read as another character).
     """
-    return FrozenFields(
-        escaped_values(
-            {name: MASK if policy.is_sensitive(name) else value for name, value in ctx.items()}
-        )
-    )
+    fields = {name: MASK if policy.is_sensitive(name) else value for name, value in ctx.items()}
+    if id_length is not None and REQUEST_ID in fields and fields[REQUEST_ID] != MASK:
+        fields[REQUEST_ID] = fields[REQUEST_ID][:id_length]
+    return FrozenFields(escaped_values(fields))
+
+
+def id_length_of(value: object) -> int | None:
+    """``value`` checked as an ``id_length`` option: None, or an int >= 1."""
+    if value is None:
+        return None
+    if type(value) is not int:  # bool is an int subclass: refused too
+        raise TypeError(f"id_length must be an int >= 1 or None, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"id_length must be >= 1, not {value}")
+    return value
+
+
+def relayed_trace(ctx: Context) -> TraceValues:
+    """The trace and span ids of the ``traceparent`` that ``ctx`` relays, as
+    log lines show them (:data:`TRACE_FIELDS`), or :data:`NO_TRACE`.
+
+    Checked strictly (lower-case hex of the right lengths, neither id all
+    zeros, not version ``ff``, nothing after the flags in version ``00``):
+    a field may have been bound by any code or read from a task message,
+    and only a valid W3C ``traceparent`` speaks for a trace.  Only the fixed
+    positions are copied, so nothing else of the value reaches a line.
+    """
+    value = ctx.get(TRACEPARENT)
+    if type(value) is not str or not valid_traceparent(value):
+        return NO_TRACE
+    return (value[3:35], value[36:52], bool(int(value[53:55], 16) & 1), "")
+
+
+class TraceIds:
+    """Per record: the active OpenTelemetry span's ids, else the relayed ones.
+
+    Reads OpenTelemetry only when the program imported it (a look in
+    ``sys.modules``, never an import): without it a record costs one dict
+    lookup here.  A span counts when its context is valid, and -- as for the
+    outgoing ``traceparent`` (``ctxrelay._outbound``) -- when it was not
+    already current when the ``use()`` that bound the context was entered,
+    unless it is in the relayed trace: a thread that served request A still
+    holds A's span when it takes up message B, and B's lines must not carry
+    A's trace.  The service name is the tracer provider's ``service.name``,
+    as OpenTelemetry's instrumentation reads it.  Never raises: if
+    OpenTelemetry (or an application's span class) fails, the relayed ids
+    are used and the failure is logged once.
+    """
+
+    __slots__ = ("_failed", "_service", "_span")
+
+    def __init__(self) -> None:
+        self._failed = False
+        # The last span context and tracer provider seen, each with what it
+        # gave, in one tuple read once (other threads may replace it): a
+        # request's records share them, and formatting two ints as hex per
+        # record costs more than an identity check.
+        self._span: tuple[object, str, str, bool] = (None, "0", "0", False)
+        self._service: tuple[object, str] = (None, "")
+
+    def current(self, relayed: TraceValues) -> TraceValues:
+        """The values for a record made now, under a context relaying ``relayed``."""
+        trace: Any = sys.modules.get("opentelemetry.trace")
+        if trace is None:
+            return relayed
+        try:
+            return self._read(trace, relayed)
+        except Exception:
+            if not self._failed:
+                self._failed = True
+                _log.warning(
+                    "ctxrelay: could not read the trace ids for a log record", exc_info=True
+                )
+            return relayed
+
+    def _read(self, trace: Any, relayed: TraceValues) -> TraceValues:
+        provider = trace.get_tracer_provider()
+        service = self._service
+        if service[0] is not provider:
+            resource = getattr(provider, "resource", None)
+            name = resource.attributes.get("service.name") if resource is not None else None
+            service = self._service = (provider, log_text(name) if name else "")
+        span = trace.get_current_span()
+        context = span.get_span_context()
+        memo = self._span
+        if memo[0] is not context:
+            if context.is_valid:
+                memo = (
+                    context,
+                    f"{context.trace_id:032x}",
+                    f"{context.span_id:016x}",
+                    bool(context.trace_flags.sampled),
+                )
+            else:
+                memo = (context, "0", "0", False)
+            self._span = memo
+        _, trace_id, span_id, sampled = memo
+        if span_id == "0" or (span is span_at_use() and trace_id != relayed[0]):
+            # No valid span, or a stale one from before use(): the relayed ids.
+            return (relayed[0], relayed[1], relayed[2], service[1])
+        return (trace_id, span_id, sampled, service[1])
 
 
 def timed(ctx: Context) -> Context | None:
@@ -154,7 +275,7 @@ class PerContext(Generic[_T]):
         """What ``build`` makes of the current context."""
         ctx = _current()
         last = self.last  # one tuple, read once: other threads may replace it
-        if last[0] is not ctx or last[1] is not _policy.STATE.policy:
+        if last[0] is not ctx or last[1] is not STATE.policy:
             last = self.lookup(ctx)
         return last[2]
 

@@ -1,7 +1,7 @@
 """Stdlib ``logging``: the request's fields on every ``LogRecord`` (the MDC).
 
-Seed 003: the trace id vanished from log lines the moment work changed
-thread.  :class:`ContextFilter` reads the one ctxrelay ``ContextVar`` per
+In the order-confirmation story, the trace id vanished from log lines the
+moment work changed thread.  :class:`ContextFilter` reads the one ctxrelay ``ContextVar`` per
 record and puts what it holds on the record, so ``%(request_id)s`` works in a
 format string and a JSON formatter finds the fields -- in every thread, pool,
 process and worker the context was relayed to.  Sensitive fields (``cookie``,
@@ -20,6 +20,12 @@ logged through that very logger, not those propagating up from its children
     with ctxrelay.bind(request_id="r-1"):
         logging.getLogger("app.db").info("query")  # INFO [r-1] app.db: query
 
+``ContextFilter(id_length=8)`` cuts the request id to 8 characters (as
+asgi-correlation-id's ``uuid_length``); ``ContextFilter(trace_ids=True)``
+adds the trace and span ids under OpenTelemetry's own attribute names
+(``%(otelTraceID)s``, ``%(otelSpanID)s``), from the active span or from the
+relayed ``traceparent``.
+
 Stdlib only: this integration needs no extra.
 """
 
@@ -30,21 +36,25 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import IO, Final
 
-from .. import _policy
 from .._context import REQUEST_ID, Context, read_current, validate_field
 from .._deadline import remaining_ms
 from .._logfields import (
     DEADLINE_FIELD,
     DEFAULT,
     REQUEST_ATTRIBUTES,
+    TRACE_FIELDS,
     FrozenFields,
     PerContext,
+    TraceIds,
+    TraceValues,
+    id_length_of,
     masked_fields,
+    relayed_trace,
     request_attributes,
     request_values,
     timed,
 )
-from .._policy import Policy
+from .._policy import STATE, Policy
 
 __all__ = [
     "DEFAULT",
@@ -58,8 +68,13 @@ __all__ = [
 ]
 
 _log = logging.getLogger("ctxrelay")
-#: The ContextVar's bound ``get``: one attribute lookup less per record.
+#: Bound to a module global: one attribute lookup less per record.
 _current: Final = read_current
+_modules: Final = sys.modules
+#: Whether the program imported OpenTelemetry's trace API (we never import it).
+_OTEL: Final = "opentelemetry.trace"
+#: LogRecord's own attributes (a live view): where OpenTelemetry declares its names.
+_RECORD_CLASS: Final = logging.LogRecord.__dict__
 
 #: The format :func:`setup` gives the handler it creates.
 DEFAULT_FORMAT: Final = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"
@@ -71,8 +86,8 @@ _RESERVED: Final = (
     | frozenset(dir(logging.LogRecord))
     | {"message", "asctime"}
 )
-#: The attributes every ContextFilter sets.
-_OURS: Final = frozenset({"request_id", "ctxrelay", DEADLINE_FIELD})
+#: The attributes a ContextFilter may set besides the declared ones.
+_OURS: Final = frozenset({"request_id", "ctxrelay", DEADLINE_FIELD, *TRACE_FIELDS})
 
 
 def _attribute_name(field: str) -> str:
@@ -102,13 +117,17 @@ def _declared(fields: Mapping[str, str] | Iterable[str]) -> dict[str, str]:
     return declared
 
 
-#: What a filter prepares per context: the request id, the dict of fields,
-#: the other attributes its options ask for, and the context again if it has
-#: a deadline (None otherwise).
-_Prepared = tuple[str, FrozenFields, dict[str, object], Context | None]
+#: What a record needs beyond the id and the fields, prepared per context;
+#: None (most contexts: no declared fields, no deadline, no trace ids) lets
+#: a record skip it with one check.  The other attributes the filter's
+#: options ask for, the context again if it has a deadline, and the relayed
+#: trace ids when ``trace_ids`` is on.
+_More = tuple[dict[str, object], Context | None, TraceValues | None]
+#: What a filter prepares per context: the request id, the fields, the rest.
+_Prepared = tuple[str, FrozenFields, _More | None]
 #: What the filter checks per record: the context and policy it was prepared
-#: for, then the prepared values, flat so that one unpacking reads them all.
-_Last = tuple[Context | None, Policy | None, str, FrozenFields, dict[str, object], Context | None]
+#: for, then the prepared values, flat, so that a record reads them by index.
+_Last = tuple[Context | None, Policy | None, str, FrozenFields, _More | None]
 
 
 class ContextFilter(logging.Filter):
@@ -117,7 +136,10 @@ class ContextFilter(logging.Filter):
     On every record:
 
     * ``record.request_id`` -- ``default`` (``"-"``) outside a request, so
-      ``%(request_id)s`` never raises ``KeyError``;
+      ``%(request_id)s`` never raises ``KeyError``; with ``id_length`` set,
+      its first ``id_length`` characters (as asgi-correlation-id's
+      ``uuid_length``), here and wherever the request id appears on the
+      record -- no other field is cut;
     * ``record.deadline_ms`` -- only while a deadline is bound: the whole
       milliseconds left (an ``int``; 0 once it passed or the request was
       cancelled).  Not in ``record.ctxrelay``, which one context's records
@@ -136,7 +158,14 @@ class ContextFilter(logging.Filter):
       ``request`` (from :data:`REQUEST_ATTRIBUTES`), ``default`` when absent;
     * with ``prefix`` set (say ``"ctx_"``), every field also as an attribute
       ``ctx_<name>`` (``-`` and ``.`` become ``_``; names a ``LogRecord``
-      uses are skipped) -- for formatters that emit every attribute.
+      uses are skipped) -- for formatters that emit every attribute;
+    * with ``trace_ids=True``, OpenTelemetry's logging attributes:
+      ``otelTraceID``, ``otelSpanID``, ``otelTraceSampled`` and
+      ``otelServiceName`` -- from the active OpenTelemetry span when there is
+      a valid one, else from the ``traceparent`` the context relays, else
+      OpenTelemetry's own values without a span (``"0"``, ``"0"``, ``False``,
+      ``""``).  Values OpenTelemetry's ``LoggingInstrumentor`` already set
+      are kept.
 
     Sensitive fields (:meth:`ctxrelay.Policy.is_sensitive`) carry ``***``;
     every other value is escaped (``\\n``, ``\\x85``, ``\\u2028``: see
@@ -145,6 +174,9 @@ class ContextFilter(logging.Filter):
     a second filter (on a ``QueueListener``'s handler, on a log server that
     received the record over a socket -- places outside the request) does not
     overwrite what the first one set.
+
+    Raises ``TypeError`` for an ``id_length`` that is not an ``int`` (or is a
+    ``bool``), ``ValueError`` for one below 1.
     """
 
     def __init__(
@@ -154,67 +186,111 @@ class ContextFilter(logging.Filter):
         request: Iterable[str] = (),
         prefix: str | None = None,
         default: str = DEFAULT,
+        id_length: int | None = None,
+        trace_ids: bool = False,
     ) -> None:
         super().__init__()
         self.fields = _declared(fields)
         self.request = request_attributes(request)
         self.prefix = prefix
         self.default = default
+        self.id_length = id_length_of(id_length)
+        self.trace_ids = bool(trace_ids)
+        self._trace = TraceIds()
         self._cache: PerContext[_Prepared] = PerContext(self._prepare)
-        _, _, (request_id, fields, more, timed_ctx) = self._cache.last
-        self._last: _Last = (None, None, request_id, fields, more, timed_ctx)
+        _, _, (request_id, fields, more) = self._cache.last
+        self._last: _Last = (None, None, request_id, fields, more)
 
     def _prepare(self, ctx: Context, policy: Policy) -> _Prepared:
-        fields = masked_fields(ctx, policy)
+        fields = masked_fields(ctx, policy, self.id_length)
         snapshot = request_values(ctx, self.request)
-        more: dict[str, object] = {}
+        attributes: dict[str, object] = {}
         if self.prefix is not None:
             for name, value in fields.items():
                 attribute = self.prefix + _attribute_name(name)
                 if attribute not in _RESERVED and attribute not in _OURS:
-                    more[attribute] = value
+                    attributes[attribute] = value
         for attribute, name in self.fields.items():
-            more[attribute] = fields.get(name, self.default)
+            attributes[attribute] = fields.get(name, self.default)
         for attr in self.request:
-            more[f"request_{attr}"] = snapshot.get(f"request_{attr}", self.default)
+            attributes[f"request_{attr}"] = snapshot.get(f"request_{attr}", self.default)
         request_id = fields.get(REQUEST_ID, self.default)
-        return (request_id, FrozenFields({**fields, **snapshot}), more, timed(ctx))
+        timed_ctx = timed(ctx)
+        relayed = relayed_trace(ctx) if self.trace_ids else None
+        more = (
+            (attributes, timed_ctx, relayed)
+            if attributes or timed_ctx is not None or relayed is not None
+            else None
+        )
+        return (request_id, FrozenFields({**fields, **snapshot}), more)
 
     def filter(self, record: logging.LogRecord) -> bool:
         # The per-record path, kept to the fewest bytecodes: every record on
         # every handler runs it.  One flat tuple, read once (other threads may
         # replace it, never change it), so the id and the fields on a record
-        # always come from the same context.  ``_current`` is the ContextVar's
-        # bound ``get``, and the policy is read as a module attribute, not
-        # through ``active()``: each saves a lookup or a call per record.
-        ctx, policy, request_id, fields, more, timed_ctx = self._last
-        if ctx is not _current() or policy is not _policy.STATE.policy:
-            ctx, policy, request_id, fields, more, timed_ctx = self._last = self._refresh()
+        # always come from the same context.  The policy is read from the
+        # one STATE object, not through ``active()``: a call less per record.
+        last = self._last
+        if last[0] is not _current() or last[1] is not STATE.policy:
+            last = self._last = self._refresh()
         if hasattr(record, "request_id"):
             # Set already: by extra=, or by a filter where the record was made.
-            _set_missing(record, {"request_id": request_id, "ctxrelay": fields, **more})
-            if timed_ctx is not None:
-                _set_missing(record, {DEADLINE_FIELD: remaining_ms(timed_ctx)})
+            self._keep(record, last)
             return True
         # Plain attribute stores, which CPython specialises; going through
         # record.__dict__ would build the instance dict here, and setattr()
         # is not specialised: either doubles this filter's cost.
-        record.request_id = request_id
-        record.ctxrelay = fields
+        record.request_id = last[2]
+        record.ctxrelay = last[3]
+        if last[4] is not None:
+            self._more(record, last[4])
+        return True
+
+    def _more(self, record: logging.LogRecord, more: _More) -> None:
+        """What a record gets beyond the id and the fields (see ``_More``)."""
+        attributes, timed_ctx, relayed = more
         if timed_ctx is not None:
             # The time left changes with every record, so it is never
             # memoised, and it is set only under a deadline: a store on every
-            # record cost ~310 instructions (it grows the record's dict), the
-            # None check ~80 (cachegrind, docs/logging.md).
+            # record cost ~310 instructions (it grows the record's dict).
             record.deadline_ms = remaining_ms(timed_ctx)
-        if more:
-            _set_missing(record, more)
-        return True
+        if attributes:
+            _set_missing(record, attributes)
+        # OpenTelemetry's LoggingInstrumentor (its record factory) may have
+        # set the trace attributes already: its values are kept.  Its later
+        # releases declare the old names on the LogRecord class (forwarding
+        # to new ones, with a DeprecationWarning): then they are its, and
+        # left alone too -- the class is asked first, so that the instance's
+        # lookup never runs that forwarding.  Asked through the class's
+        # __dict__: hasattr() on a class raises (and discards) an
+        # AttributeError when the name is missing, ~250 ns per record.
+        if (
+            relayed is not None
+            and "otelTraceID" not in _RECORD_CLASS
+            and not hasattr(record, "otelTraceID")
+        ):
+            # Without OpenTelemetry imported, the relayed ids as prepared.
+            ids = relayed if _OTEL not in _modules else self._trace.current(relayed)
+            record.otelTraceID = ids[0]
+            record.otelSpanID = ids[1]
+            record.otelTraceSampled = ids[2]
+            record.otelServiceName = ids[3]
+
+    def _keep(self, record: logging.LogRecord, last: _Last) -> None:
+        """The attributes for a record that has some already: keep those."""
+        more = last[4]
+        attributes = more[0] if more is not None else {}
+        _set_missing(record, {"request_id": last[2], "ctxrelay": last[3], **attributes})
+        if more is not None:
+            if more[1] is not None:
+                _set_missing(record, {DEADLINE_FIELD: remaining_ms(more[1])})
+            if more[2] is not None:
+                self._more(record, ({}, None, more[2]))
 
     def _refresh(self) -> _Last:
         """The flat entry for the current context (prepared once per context)."""
-        ctx, policy, (request_id, fields, more, timed_ctx) = self._cache.lookup(_current())
-        return (ctx, policy, request_id, fields, more, timed_ctx)
+        ctx, policy, (request_id, fields, more) = self._cache.lookup(_current())
+        return (ctx, policy, request_id, fields, more)
 
 
 def _set_missing(record: logging.LogRecord, attributes: Mapping[str, object]) -> None:

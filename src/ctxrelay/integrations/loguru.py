@@ -22,6 +22,9 @@ fails.  Example::
 While a deadline is bound, ``extra["deadline_ms"]`` holds the whole
 milliseconds left (read per message; 0 once it passed or the request was
 cancelled); declare ``fields=["deadline_ms"]`` for ``"-"`` without one.
+``ContextPatcher(id_length=8)`` cuts the request id to 8 characters;
+``ContextPatcher(trace_ids=True)`` adds OpenTelemetry's ``otelTraceID``,
+``otelSpanID``, ``otelTraceSampled`` and ``otelServiceName`` to ``extra``.
 
 With ``serialize=True`` the fields appear in the JSON under ``extra``.
 """
@@ -43,8 +46,13 @@ from .._deadline import remaining_ms
 from .._logfields import (
     DEADLINE_FIELD,
     DEFAULT,
+    TRACE_FIELDS,
     PerContext,
+    TraceIds,
+    TraceValues,
+    id_length_of,
     masked_fields,
+    relayed_trace,
     request_attributes,
     request_values,
     timed,
@@ -64,34 +72,59 @@ class ContextPatcher:
     ``logger.contextualize(...)``).  ``fields`` are names always present,
     ``default`` when the context lacks them (``request_id`` always is);
     ``request`` names snapshot attributes (``"method"``, ``"path"``, ...)
-    added as ``request_<attr>``.
+    added as ``request_<attr>``.  ``id_length`` cuts the request id to its
+    first characters (no other field); a value that is not an ``int`` >= 1
+    is refused (``TypeError``, ``ValueError``).  With ``trace_ids=True``,
+    ``extra`` also holds OpenTelemetry's log correlation keys on every
+    message, ``otelTraceID``, ``otelSpanID``, ``otelTraceSampled`` and
+    ``otelServiceName`` (see
+    :class:`ctxrelay.integrations.logging.ContextFilter`).
     """
 
     def __init__(
-        self, *, fields: Iterable[str] = (), request: Iterable[str] = (), default: str = DEFAULT
+        self,
+        *,
+        fields: Iterable[str] = (),
+        request: Iterable[str] = (),
+        default: str = DEFAULT,
+        id_length: int | None = None,
+        trace_ids: bool = False,
     ) -> None:
         self.fields = (REQUEST_ID, *(name for name in fields if name != REQUEST_ID))
         for name in self.fields:
             validate_field(name, "")
         self.request = request_attributes(request)
         self.default = default
-        self._cache: PerContext[tuple[dict[str, Any], Context | None]] = PerContext(self._extra)
+        self.id_length = id_length_of(id_length)
+        self.trace_ids = bool(trace_ids)
+        self._trace = TraceIds()
+        self._cache: PerContext[tuple[dict[str, Any], Context | None, TraceValues | None]] = (
+            PerContext(self._extra)
+        )
 
-    def _extra(self, ctx: Context, policy: Policy) -> tuple[dict[str, Any], Context | None]:
+    def _extra(
+        self, ctx: Context, policy: Policy
+    ) -> tuple[dict[str, Any], Context | None, TraceValues | None]:
         defaults = dict.fromkeys(self.fields, self.default)
         defaults.update((f"request_{attr}", self.default) for attr in self.request)
-        extra = {**defaults, **masked_fields(ctx, policy), **request_values(ctx, self.request)}
-        return extra, timed(ctx)
+        extra = {
+            **defaults,
+            **masked_fields(ctx, policy, self.id_length),
+            **request_values(ctx, self.request),
+        }
+        return extra, timed(ctx), relayed_trace(ctx) if self.trace_ids else None
 
     def __call__(self, record: Record) -> None:
         # A new dict each message: the prepared one is shared by every
         # message of this context.  copy() clones the prepared dict's table
         # whole, faster than {**a, **b}.
-        prepared, timed_ctx = self._cache.current()
+        prepared, timed_ctx, relayed = self._cache.current()
         extra = prepared.copy()
         if timed_ctx is not None:
             # Read per message (it changes), and only with a deadline bound.
             extra[DEADLINE_FIELD] = remaining_ms(timed_ctx)
+        if relayed is not None:
+            extra.update(zip(TRACE_FIELDS, self._trace.current(relayed), strict=True))
         extra.update(record["extra"])
         record["extra"] = extra
 
