@@ -508,3 +508,71 @@ print("PROBE " + json.dumps({"theirs": theirs, "ours": ours}))
             "x-b3-sampled": "1",
         }
     )
+
+
+OTEL_LOG_PROBE = """
+import io, json, logging
+from opentelemetry.sdk.trace import TracerProvider
+capture = io.StringIO()
+line = logging.StreamHandler(capture)
+line.setFormatter(logging.Formatter("%(otelTraceID)s %(otelSpanID)s %(message)s"))
+for h in logging.getLogger("shop").handlers + logging.getLogger().handlers:
+    for f in h.filters:
+        line.addFilter(f)
+logging.getLogger("shop").addHandler(line)
+with TracerProvider().get_tracer("probe").start_as_current_span("probe") as probe_span:
+    logging.getLogger("shop").info("probed")
+logging.getLogger("shop").info("outside")
+ids = probe_span.get_span_context()
+print("PROBE " + json.dumps({
+    "lines": capture.getvalue().splitlines(),
+    "expected": f"{ids.trace_id:032x} {ids.span_id:016x} probed",
+}))
+"""
+
+
+def test_opentelemetry_log_ids_after_match_the_logging_instrumentation() -> None:
+    after, _ = run(example("OpenTelemetry", "Log lines: after"), OTEL_LOG_PROBE)
+    assert after["lines"] == [after["expected"], "0 0 outside"]
+    _needs("opentelemetry.instrumentation.logging")
+    before, _ = run(example("OpenTelemetry", "Log lines: before"), OTEL_LOG_PROBE)
+    assert before["lines"] == [before["expected"], "0 0 outside"]
+
+
+def test_asgi_correlation_id_uuid_length_and_id_length_cut_alike() -> None:
+    probe = """
+import io, json, logging
+from ctxrelay.integrations.logging import ContextFilter
+import ctxrelay
+stream = io.StringIO()
+handler = logging.StreamHandler(stream)
+handler.addFilter(ContextFilter(fields={"correlation_id": "request_id"}, id_length=8))
+handler.setFormatter(logging.Formatter("[%(correlation_id)s] %(message)s"))
+log = logging.getLogger("ours")
+log.addHandler(handler)
+log.setLevel(logging.INFO)
+with ctxrelay.bind(request_id="3f2a9c1e0b7d4e6fa8c5d2b1e0f9a7c3"):
+    log.info("paid")
+theirs = ""
+try:
+    from asgi_correlation_id import CorrelationIdFilter, correlation_id
+except ImportError:
+    pass
+else:
+    other = io.StringIO()
+    h = logging.StreamHandler(other)
+    h.addFilter(CorrelationIdFilter(uuid_length=8))
+    h.setFormatter(logging.Formatter("[%(correlation_id)s] %(message)s"))
+    their_log = logging.getLogger("theirs")
+    their_log.addHandler(h)
+    their_log.setLevel(logging.INFO)
+    token = correlation_id.set("3f2a9c1e0b7d4e6fa8c5d2b1e0f9a7c3")
+    their_log.info("paid")
+    correlation_id.reset(token)
+    theirs = other.getvalue()
+print("PROBE " + json.dumps({"ours": stream.getvalue(), "theirs": theirs}))
+"""
+    result, _ = run("", probe)
+    assert result["ours"] == "[3f2a9c1e] paid\n"
+    if result["theirs"]:
+        assert result["theirs"] == result["ours"]
