@@ -29,6 +29,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from time import monotonic
 from typing import Any
 
 __all__ = [
@@ -81,11 +82,20 @@ def submit_has_known_shape() -> bool:
     )
 
 
+#: What ``_WorkItem.run`` reads, on the Pythons whose body the guarded item
+#: below copies (3.9-3.13).
+_RUN_NAMES = (
+    "future", "set_running_or_notify_cancel", "fn", "args", "kwargs", "set_result",
+    "BaseException", "set_exception",
+)  # fmt: skip
+
+
 def make_relaying_submit(
     relayed: type,
     new_future: Callable[[], Future[Any]],
-    prepare: Callable[[], tuple[Callable[..., Any], Callable[..., Any] | None] | None]
-    | None = None,
+    prepare: Callable[[], tuple[Callable[..., Any], Any] | None] | None = None,
+    guard: Callable[..., Any] | None = None,
+    refuse: Callable[[Any], BaseException | None] | None = None,
 ) -> Callable[..., Future[Any]] | None:
     """A relaying twin of ``ThreadPoolExecutor.submit``, or ``None`` (fallback).
 
@@ -96,9 +106,15 @@ def make_relaying_submit(
     type of a task that already carries its capture (passed through);
     ``new_future`` makes the future.  ``prepare()``, when it returns
     something, gives the capture's ``run`` to use instead of a plain
-    ``copy_context().run`` and a guard to run the task through (one that
-    refuses to start it once its deadline passed), or None.  ``None`` when the fast path is off or
-    this Python's ``submit`` has another shape: callers then wrap ``submit``.
+    ``copy_context().run``, and the ctxrelay ``Context`` whose deadline and
+    cancellation the task must honour (or None).  Such a task is not started
+    once its deadline passed or its request was cancelled: its future fails
+    with ``refuse(context)``.  The check is made by the work item itself, a
+    copy of ``_WorkItem.run`` with it inlined, so it costs no Python frame
+    (where ``_WorkItem.run`` has another body, the task runs through
+    ``guard(fn, ...)`` instead, which raises that error).  ``None`` when the
+    fast path is off or this Python's ``submit`` has another shape: callers
+    then wrap ``submit``.
     """
     if not FAST_PATH or not submit_has_known_shape():
         return None
@@ -107,6 +123,10 @@ def make_relaying_submit(
     global_lock = thread._global_shutdown_lock
     broken_pool = thread.BrokenThreadPool
     copy_context = contextvars.copy_context
+    guarded_item: Callable[..., Any] | None = None
+    run_code = getattr(work_item.run, "__code__", None)
+    if refuse is not None and run_code is not None and run_code.co_names == _RUN_NAMES:
+        guarded_item = _guarded_work_item(work_item, refuse)
 
     def submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         with self._shutdown_lock, global_lock:
@@ -124,19 +144,69 @@ def make_relaying_submit(
                 # fn, ...): no wrapper object, no extra call when it runs.
                 special = prepare() if prepare is not None else None
                 if special is None:
-                    run = copy_context().run
-                    args = (fn, *args)
+                    self._work_queue.put(work_item(future, copy_context().run, (fn, *args), kwargs))
                 else:
                     # A request's frozen capture; a task with a deadline is
-                    # checked when it starts (guard).
-                    run, guard = special
-                    args = (fn, *args) if guard is None else (guard, fn, *args)
-                self._work_queue.put(work_item(future, run, args, kwargs))
+                    # checked when it starts.
+                    run, bound = special
+                    if bound is None:
+                        item = work_item(future, run, (fn, *args), kwargs)
+                    elif guarded_item is not None:
+                        item = guarded_item(future, run, (fn, *args), kwargs, bound)
+                    else:
+                        item = work_item(future, run, (guard, fn, *args), kwargs)
+                    self._work_queue.put(item)
             self._adjust_thread_count()
             return future
 
     submit.__doc__ = STDLIB_SUBMIT.__doc__
     return submit
+
+
+def _guarded_work_item(work_item: type, refuse: Callable[[Any], BaseException | None]) -> type:
+    """``_WorkItem`` that does not start its task once the deadline of the
+    ctxrelay ``Context`` it was given passed or its request was cancelled:
+    the future fails with ``refuse(context)`` instead.  ``run`` is the
+    standard body with that check inlined (a guard function around the task
+    would cost a Python frame per task, half a pooled no-op's overhead)."""
+
+    class GuardedWorkItem(work_item):  # type: ignore[misc]
+        def __init__(
+            self,
+            future: Future[Any],
+            fn: Callable[..., Any],
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            bound: Any,
+        ) -> None:
+            self.future = future
+            self.fn = fn
+            self.args = args
+            self.kwargs = kwargs
+            self.bound = bound
+
+        def run(self) -> None:
+            if not self.future.set_running_or_notify_cancel():
+                return
+            bound = self.bound
+            at = bound._deadline
+            cancel = bound._cancel
+            try:
+                if (at is not None and monotonic() >= at) or (
+                    cancel is not None and cancel.cancelled
+                ):
+                    error = refuse(bound)
+                    if error is not None:
+                        raise error
+                result = self.fn(*self.args, **self.kwargs)
+            except BaseException as exc:
+                self.future.set_exception(exc)
+                # Break a reference cycle with the exception 'exc'
+                self = None  # type: ignore[assignment]
+            else:
+                self.future.set_result(result)
+
+    return GuardedWorkItem
 
 
 def swap_done_callbacks(future: Future[Any], make: Callable[[list[Any]], list[Any]]) -> bool:

@@ -24,7 +24,7 @@ from time import monotonic
 from types import TracebackType
 from typing import Any
 
-from ._context import Cancellation, Context, enter, leave, narrowed, read_current
+from ._context import Cancellation, Context, enter, leave, narrowed, raw_current, read_current
 
 __all__ = [
     "DeadlineExceeded",
@@ -237,9 +237,16 @@ def run_unless_expired(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn`` unless the current work's deadline passed or its request
     was cancelled before it started: then raise that instead (a pool task's
     future fails with it, and the caller's ``result()`` says so)."""
-    error = expired(read_current())
-    if error is not None:
-        raise error
+    # Runs before every pool task with a deadline: the check inlined, on the
+    # raw binding (a request scope's view carries the same deadline and
+    # cancellation), so the guard costs one Python frame and nothing more.
+    ctx = raw_current()
+    at = ctx._deadline
+    cancel = ctx._cancel
+    if (at is not None and monotonic() >= at) or (cancel is not None and cancel.cancelled):
+        error = expired(ctx)
+        if error is not None:
+            raise error
     return fn(*args, **kwargs)
 
 

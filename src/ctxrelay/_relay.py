@@ -54,7 +54,7 @@ from ._cpython import (
     make_relaying_submit,
     swap_done_callbacks,
 )
-from ._deadline import run_unless_expired
+from ._deadline import expired, run_unless_expired
 from ._lifetime import started_by_library
 
 __all__ = [
@@ -102,25 +102,29 @@ def _task(fn: Callable[..., Any]) -> Callable[..., Any]:
     special = _prepare()
     if special is None:
         return _Task(_copy_context().run, fn)
-    run, guard = special
-    if guard is not None:
+    run, bound = special
+    if bound is not None:
         # Work with a deadline is not started once it passed (or once its
         # request was cancelled): its future fails with that instead.
-        return _Task(run, guard, fn)
+        return _Task(run, run_unless_expired, fn)
     return _Task(run, fn)
 
 
-def _prepare() -> tuple[Callable[..., Any], Callable[..., Any] | None] | None:
+def _prepare() -> tuple[Callable[..., Any], Context | None] | None:
     """For a hand-off from a request or from work with a deadline: the
     capture's ``run`` (the request's context frozen as it reads now, see
-    ``capture``) and the guard that refuses to start the work once its
-    deadline passed (or None).  None for everything else: a plain
-    ``copy_context()`` then captures it as it is."""
+    ``capture``) and the context whose deadline and cancellation the work
+    must honour when it starts (or None).  None for everything else: a
+    plain ``copy_context()`` then captures it as it is."""
     ctx = raw_current()
-    if ctx._scope is None and ctx._deadline is None and ctx._cancel is None:
-        return None
-    guard = run_unless_expired if ctx._deadline is not None or ctx._cancel is not None else None
-    return capture().run, guard
+    if ctx._scope is None:
+        if ctx._deadline is None and ctx._cancel is None:
+            return None
+        # Work with a deadline outside a request scope: the plain copy is
+        # the capture (capture() would only add a frame to find that out).
+        return _copy_context().run, ctx
+    bounded = ctx._deadline is not None or ctx._cancel is not None
+    return capture().run, ctx if bounded else None
 
 
 def _bounded() -> bool:
@@ -250,7 +254,7 @@ class _Mirror(_RelayFuture, Generic[T]):
 
 def new_relaying_submit() -> Callable[..., Future[Any]] | None:
     """A fresh relaying twin of the standard ``submit`` (see ``_cpython``)."""
-    return make_relaying_submit(_Task, _RelayFuture, _prepare)
+    return make_relaying_submit(_Task, _RelayFuture, _prepare, run_unless_expired, expired)
 
 
 #: The relaying twin of ``ThreadPoolExecutor.submit``, or ``None`` where this

@@ -27,15 +27,19 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
 import re
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from time import monotonic
 from typing import Any
 
 from .. import _policy
-from .._context import REQUEST_ID, Cancellation, Context, begin, finish
-from .._deadline import check_timeout, deadline_of, for_request
+from .._context import REQUEST_ID, Cancellation, Context, begin, finish, narrowed
+from .._deadline import check_timeout, deadline_of
 from .._inbound import (
     Door,
     RequestIdGenerator,
@@ -179,11 +183,15 @@ class RelayMiddleware:
         if plan.policy is not _policy.STATE.policy:  # Door.plan(), inlined: runs per request
             plan = door.plan()
         ctx = open_asgi(door, scope, plan, door.update_request_header)
+        echo = None
         if self.echo and plan.name_bytes is not None:
-            send = _echoing(send, (plan.name_bytes, ctx._fields[REQUEST_ID].encode("latin-1")))
+            echo = (plan.name_bytes, ctx._fields[REQUEST_ID].encode("latin-1"))
         if self.timeout is not None or deadline_of(ctx) is not None:
-            await _bounded(self, scope, receive, send, ctx)
+            # The echo is added by the exchange's own send: one wrapper per message.
+            await _bounded(self, scope, receive, send, ctx, echo=echo)
             return
+        if echo is not None:
+            send = _echoing(send, echo)
         token = begin(ctx)
         try:
             await self.app(scope, receive, send)
@@ -317,40 +325,43 @@ async def _bounded(
     ctx: Context,
     status: list[int] | None = None,
     started: float = 0.0,
+    *,
+    echo: tuple[bytes, bytes] | None = None,
 ) -> None:
     """The request under a deadline (``timeout=``, or one a trusted caller
     sent): when it passes, the handler is cancelled -- answered 504 with the
     request id if the response has not started, closed if it has -- and a
     client that disconnects cancels the request (``ctxrelay.cancelled()``,
-    ``checkpoint()``, pool tasks not started yet)."""
-    ctx, cancel = for_request(ctx, door.timeout)
-    at = deadline_of(ctx)
-    exchange = _Exchange(receive, send, cancel)
-    task = asyncio.current_task()
+    ``checkpoint()``, pool tasks not started yet).
+
+    Per request this costs a guard, an exchange and the narrowed context;
+    the timers are the event loop's one :class:`_Watcher`, shared by all its
+    requests (two timer handles per request, armed and cancelled, were most
+    of the door's cost under ``timeout=``)."""
     loop = asyncio.get_running_loop()
-    fired = False
-
-    def fire() -> None:
-        nonlocal fired
-        fired = True
-        cancel.cancel("the deadline passed")
-        if task is not None:
-            task.cancel("ctxrelay: the request's deadline passed")
-
-    handle = None if at is None else loop.call_at(loop.time() + (at - monotonic()), fire)
-    watch = loop.call_later(WATCH_AFTER, exchange.watch) if scope.get("type") == "http" else None
+    now = monotonic()
+    timeout = door.timeout
+    guard = _Guard(asyncio.current_task(loop))
+    ctx = narrowed(ctx, None if timeout is None else now + timeout, guard)
+    guard.at = ctx._deadline
+    http = scope.get("type") == "http"
+    exchange = _Exchange(receive, send, guard, now + WATCH_AFTER, echo)
+    watcher = _last_watcher
+    if watcher is None or watcher.loop is not loop:
+        watcher = _watcher_of(loop)
+    watcher.add(guard, exchange if http else None)
     token = begin(ctx)
     try:
         await door.app(scope, exchange.receive, exchange.send)
     except asyncio.CancelledError:
-        if not fired:
+        if not guard.fired:
             raise
-        uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+        uncancel = getattr(guard.task, "uncancel", None)  # Python 3.11+
         if uncancel is not None:
             uncancel()
         _log_deadline(scope)
-        if not exchange.started and scope.get("type") == "http":
-            await _answer_504(send, ctx)
+        if not exchange.started and http:
+            await _answer_504(exchange.send, ctx)
     except Exception:
         if door.log_errors:
             _log_error(scope)
@@ -358,16 +369,159 @@ async def _bounded(
             status.append(500)
         raise
     finally:
-        if handle is not None:
-            handle.cancel()
-        if watch is not None:
-            watch.cancel()
-        exchange.close()
+        # Ended: the watcher skips both from now on (exchange.close(),
+        # inlined where it has no pump to stop: this runs per request).
+        guard.live = False
+        guard.task = None
+        exchange.closed = True
+        if exchange._pump is not None:
+            exchange.close()
         if status is not None:  # log_requests
-            if fired and not status:
+            if guard.fired and not status:
                 status.append(504)
             _log_request(scope, status, started)
         finish(token, ctx)
+
+
+class _Guard(Cancellation):
+    """A request's cancellation, and its deadline as the watcher holds it:
+    the task to cancel when it passes.  One object, since the request needs
+    its :class:`Cancellation` anyway.  When the request ends, ``live`` turns
+    false and the task is let go (the watcher may hold a finished guard
+    until it next looks)."""
+
+    __slots__ = ("at", "fired", "live", "task")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.cancelled = False
+        self.reason = ""
+        self.task = task
+        self.at: float | None = None
+        self.fired = False
+        self.live = True
+
+    def __lt__(self, other: _Guard) -> bool:  # heapq, for deadlines out of order
+        return (self.at or 0.0) < (other.at or 0.0)
+
+    def fire(self) -> None:
+        self.fired = True
+        self.cancel("the deadline passed")
+        if self.task is not None:
+            self.task.cancel("ctxrelay: the request's deadline passed")
+
+
+class _Watcher:
+    """The deadlines and the disconnect watches of one event loop's bounded
+    requests, on a single timer.
+
+    With one default ``timeout=``, deadlines arrive in increasing order, and
+    so do the watch times (``WATCH_AFTER`` after the start): each is a deque
+    appended at the back and read from the front, and the one timer is armed
+    at the earliest front.  A request that ends is not removed (lazy
+    deletion): its entry is skipped when the timer reaches it, and the
+    deque of deadlines is compacted when finished entries pile up behind a
+    long request, so it never holds many more than the requests in flight.
+    A deadline earlier than the last one queued (a caller's header narrowed
+    it) goes to a heap instead.
+    """
+
+    __slots__ = ("_deadlines", "_handle", "_late", "_limit", "_watches", "_when", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._deadlines: deque[_Guard] = deque()
+        self._late: list[_Guard] = []
+        self._watches: deque[_Exchange] = deque()
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = 0.0
+        self._limit = _COMPACT_AT
+
+    def add(self, guard: _Guard, exchange: _Exchange | None) -> None:
+        at = guard.at
+        first = math.inf
+        if at is not None:
+            deadlines = self._deadlines
+            if not deadlines or deadlines[-1].at <= at:  # type: ignore[operator]
+                deadlines.append(guard)
+                if len(deadlines) > self._limit:
+                    self._compact()
+            else:
+                heapq.heappush(self._late, guard)
+            first = at
+        if exchange is not None:
+            self._watches.append(exchange)
+            if exchange.watch_at < first:
+                first = exchange.watch_at
+        if self._handle is None or first < self._when:
+            self._arm(first)
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if when == math.inf:
+            return
+        self._when = when
+        loop = self.loop
+        self._handle = loop.call_at(loop.time() + (when - monotonic()), self._run)
+
+    def _run(self) -> None:
+        self._handle = None
+        now = monotonic()
+        try:
+            watches = self._watches
+            while watches and (watches[0].closed or watches[0].watch_at <= now):
+                exchange = watches.popleft()
+                if not exchange.closed:
+                    exchange.watch()
+            deadlines = self._deadlines
+            while deadlines and (not deadlines[0].live or deadlines[0].at <= now):  # type: ignore[operator]
+                guard = deadlines.popleft()
+                if guard.live:
+                    guard.fire()
+            late = self._late
+            while late and (not late[0].live or late[0].at <= now):  # type: ignore[operator]
+                guard = heapq.heappop(late)
+                if guard.live:
+                    guard.fire()
+        finally:
+            first = math.inf
+            if self._watches:
+                first = self._watches[0].watch_at
+            if self._deadlines and self._deadlines[0].at < first:  # type: ignore[operator]
+                first = self._deadlines[0].at  # type: ignore[assignment]
+            if self._late and self._late[0].at < first:  # type: ignore[operator]
+                first = self._late[0].at  # type: ignore[assignment]
+            self._arm(first)
+
+    def _compact(self) -> None:
+        live = [guard for guard in self._deadlines if guard.live]
+        self._deadlines = deque(live)
+        self._late = [guard for guard in self._late if guard.live]
+        heapq.heapify(self._late)
+        # Amortized: the next compaction waits for as many new entries.
+        self._limit = max(_COMPACT_AT, 2 * len(live))
+
+
+#: Finished entries the watcher's deque of deadlines may hold before it is
+#: compacted (more when many requests are in flight).
+_COMPACT_AT = 1024
+
+_last_watcher: _Watcher | None = None
+_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _watcher_of(loop: asyncio.AbstractEventLoop) -> _Watcher:
+    """The loop's watcher (made on its first bounded request); remembered
+    as the last one used, which is the one the next request wants."""
+    global _last_watcher
+    watcher = _watchers.get(loop)
+    if watcher is None:
+        watcher = _watchers[loop] = _Watcher(loop)
+    _last_watcher = watcher
+    return watcher
 
 
 class _Exchange:
@@ -383,9 +537,20 @@ class _Exchange:
     further ``receive`` answers ``http.disconnect``, as servers do.
     """
 
-    __slots__ = ("_cancel", "_gone", "_pump", "_queue", "_reading", "_receive", "_send", "started")
+    __slots__ = (
+        "_cancel", "_echo", "_gone", "_pump", "_queue", "_reading", "_receive", "_send", "closed",
+        "started", "watch_at",
+    )  # fmt: skip
 
-    def __init__(self, receive: Receive, send: Send, cancel: Cancellation) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        cancel: Cancellation,
+        watch_at: float,
+        echo: tuple[bytes, bytes] | None,
+    ) -> None:
+        self._echo = echo
         self._receive = receive
         self._send = send
         self._cancel = cancel
@@ -394,6 +559,8 @@ class _Exchange:
         self._pump: asyncio.Task[None] | None = None
         self._reading = False
         self.started = False
+        self.closed = False
+        self.watch_at = watch_at
 
     def watch(self) -> None:
         """Start the pump, unless the app is reading right now (two readers
@@ -436,13 +603,18 @@ class _Exchange:
                 return
             await queue.put(message)  # waits for the app: one message ahead
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        # Not a coroutine function: it hands back the server's own awaitable
+        # (no extra coroutine per message, as _echoing).
         kind = message.get("type")
         if kind == "http.response.start" or kind == "websocket.accept":
             self.started = True
-        await self._send(message)
+            if self._echo is not None:
+                message = _with_header(message, self._echo)
+        return self._send(message)
 
     def close(self) -> None:
+        self.closed = True
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
 
