@@ -263,10 +263,21 @@ def note_bound(ctx: object, place: Site | None) -> None:
     """Remember where ``ctx`` was bound (for a later ``dirty-start`` report)."""
     if place is None:
         return
+    key = id(ctx)
     with _lock:
-        _bound[id(ctx)] = (weakref.ref(ctx), place)
+        # The entry goes when its context does: strict mode then holds what
+        # is alive, not the last _MAX_BOUND contexts ever bound.
+        _bound[key] = (weakref.ref(ctx, functools.partial(_forget_bound, key)), place)
         if len(_bound) > _MAX_BOUND:
             _bound.popitem(last=False)
+
+
+def _forget_bound(key: int, ref: weakref.ref[object]) -> None:
+    # Called by the garbage collector, on any thread, maybe while _lock is
+    # held by that thread: a single dict operation, no lock.
+    entry = _bound.get(key)
+    if entry is not None and entry[0] is ref:
+        _bound.pop(key, None)
 
 
 def bound_at(ctx: object) -> Site | None:
