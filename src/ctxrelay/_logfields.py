@@ -168,12 +168,16 @@ class TraceIds:
 
     def __init__(self) -> None:
         self._failed = False
-        # The last span context and tracer provider seen, each with what it
-        # gave, in one tuple read once (other threads may replace it): a
-        # request's records share them, and formatting two ints as hex per
-        # record costs more than an identity check.
+        # The last span context seen, with what it gave, in one tuple read
+        # once (other threads may replace it): a request's records share it,
+        # and formatting two ints as hex per record costs more than an
+        # identity check.
         self._span: tuple[object, str, str, bool] = (None, "0", "0", False)
-        self._service: tuple[object, str] = (None, "")
+        # The service name, once a tracer provider with a resource is set:
+        # OpenTelemetry sets the global provider once and never replaces
+        # it.  Until then it is asked again when a new span is seen, not
+        # per record: asking while none is set reads os.environ (1.2 us).
+        self._service: str | None = None
 
     def current(self, relayed: TraceValues) -> TraceValues:
         """The values for a record made now, under a context relaying ``relayed``."""
@@ -191,12 +195,6 @@ class TraceIds:
             return relayed
 
     def _read(self, trace: Any, relayed: TraceValues) -> TraceValues:
-        provider = trace.get_tracer_provider()
-        service = self._service
-        if service[0] is not provider:
-            resource = getattr(provider, "resource", None)
-            name = resource.attributes.get("service.name") if resource is not None else None
-            service = self._service = (provider, log_text(name) if name else "")
         span = trace.get_current_span()
         context = span.get_span_context()
         memo = self._span
@@ -211,11 +209,25 @@ class TraceIds:
             else:
                 memo = (context, "0", "0", False)
             self._span = memo
+            if self._service is None:
+                self._service = self._service_name(trace)
         _, trace_id, span_id, sampled = memo
-        if span_id == "0" or (span is span_at_use() and trace_id != relayed[0]):
+        service = self._service or ""
+        _, trace_id, span_id, sampled = memo
+        if span_id == "0" or (trace_id != relayed[0] and span is span_at_use()):
             # No valid span, or a stale one from before use(): the relayed ids.
-            return (relayed[0], relayed[1], relayed[2], service[1])
-        return (trace_id, span_id, sampled, service[1])
+            return (relayed[0], relayed[1], relayed[2], service)
+        return (trace_id, span_id, sampled, service)
+
+    @staticmethod
+    def _service_name(trace: Any) -> str | None:
+        """The global tracer provider's ``service.name``; None while no
+        provider with a resource is set (then asked again later)."""
+        resource = getattr(trace.get_tracer_provider(), "resource", None)
+        if resource is None:
+            return None
+        name = resource.attributes.get("service.name")
+        return log_text(name) if name else ""
 
 
 def timed(ctx: Context) -> Context | None:

@@ -157,9 +157,11 @@ def test_a_later_version_with_more_after_the_flags_gives_its_ids() -> None:
 
 @pytest.fixture
 def instrumented() -> Iterator[None]:
-    from opentelemetry.instrumentation.logging import LoggingInstrumentor
-
-    instrumentor = LoggingInstrumentor()
+    instrumentation = pytest.importorskip(
+        "opentelemetry.instrumentation.logging",
+        reason="opentelemetry-instrumentation-logging is not installed",
+    )
+    instrumentor = instrumentation.LoggingInstrumentor()
     instrumentor.instrument(inject_trace_context=True, enable_log_auto_instrumentation=False)
     try:
         yield
@@ -294,7 +296,9 @@ def test_without_opentelemetry_imported_the_ids_come_from_the_traceparent_alone(
     assert out.splitlines() == [f"{TRACE} {SPAN} paid", "[]"]
 
 
-def test_the_service_name_is_the_tracer_providers() -> None:
+def test_the_service_name_is_the_tracer_providers_once_one_is_set() -> None:
+    # Read again when a new span is seen, until a provider is set: logging
+    # usually starts before OpenTelemetry is configured.
     out = _run(
         """
         import logging, sys
@@ -305,10 +309,17 @@ def test_the_service_name_is_the_tracer_providers() -> None:
 
         setup("[%(otelServiceName)s] %(message)s", stream=sys.stdout, level="INFO",
               context_filter=ContextFilter(trace_ids=True))
-        logging.getLogger("shop").info("before")
-        resource = Resource.create({"service.name": "shop"})
+        log = logging.getLogger("shop")
+        log.info("before")
+        resource = Resource.create({"service.name": "shop\\nINFO forged"})
         trace.set_tracer_provider(TracerProvider(resource=resource))
-        logging.getLogger("shop").info("after")
+        with trace.get_tracer("shop").start_as_current_span("confirm"):
+            log.info("in a span")
+        log.info("after")
         """
     )
-    assert out.splitlines() == ["[] before", "[shop] after"]
+    assert out.splitlines() == [
+        "[] before",
+        "[shop\\nINFO forged] in a span",
+        "[shop\\nINFO forged] after",
+    ]
