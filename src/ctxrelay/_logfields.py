@@ -37,6 +37,7 @@ __all__ = [
     "id_length_of",
     "masked_fields",
     "relayed_trace",
+    "trace_ids_of",
     "request_attributes",
     "request_values",
     "timed",
@@ -129,6 +130,15 @@ def id_length_of(value: object) -> int | None:
         raise TypeError(f"id_length must be an int >= 1 or None, not {type(value).__name__}")
     if value < 1:
         raise ValueError(f"id_length must be >= 1, not {value}")
+    return value
+
+
+def trace_ids_of(value: object) -> bool:
+    """``value`` checked as a ``trace_ids`` option: a ``bool``.  A string
+    such as ``"false"`` from a configuration file is refused, not read as
+    true."""
+    if type(value) is not bool:
+        raise TypeError(f"trace_ids must be True or False, not {type(value).__name__}")
     return value
 
 

@@ -119,6 +119,13 @@ def test_trace_ids_are_off_unless_asked_for() -> None:
     assert not hasattr(seen[0], "otelTraceID")
 
 
+@pytest.mark.parametrize("build", [ContextFilter, MergeContext, ContextPatcher])
+@pytest.mark.parametrize("value", ["false", 1, None])
+def test_trace_ids_takes_only_true_or_false(build: Any, value: object) -> None:
+    with pytest.raises(TypeError, match="trace_ids"):
+        build(trace_ids=value)
+
+
 CRAFTED = [
     pytest.param(f"00-{TRACE.upper()}-{SPAN}-01", id="upper-case-hex"),
     pytest.param(f"00-{TRACE[:-1]}-{SPAN}-01", id="short-trace-id"),

@@ -53,6 +53,7 @@ from .._logfields import (
     request_attributes,
     request_values,
     timed,
+    trace_ids_of,
 )
 from .._policy import STATE, Policy
 
@@ -176,7 +177,9 @@ class ContextFilter(logging.Filter):
     overwrite what the first one set.
 
     Raises ``TypeError`` for an ``id_length`` that is not an ``int`` (or is a
-    ``bool``), ``ValueError`` for one below 1.
+    ``bool``), ``ValueError`` for one below 1, and ``TypeError`` for a
+    ``trace_ids`` that is not a ``bool`` (a ``"false"`` from a configuration
+    file would otherwise read as true).
     """
 
     def __init__(
@@ -195,7 +198,7 @@ class ContextFilter(logging.Filter):
         self.prefix = prefix
         self.default = default
         self.id_length = id_length_of(id_length)
-        self.trace_ids = bool(trace_ids)
+        self.trace_ids = trace_ids_of(trace_ids)
         self._trace = TraceIds()
         self._cache: PerContext[_Prepared] = PerContext(self._prepare)
         _, _, (request_id, fields, more) = self._cache.last

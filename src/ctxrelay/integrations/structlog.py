@@ -56,6 +56,7 @@ from .._logfields import (
     request_attributes,
     request_values,
     timed,
+    trace_ids_of,
 )
 from .._policy import Policy
 
@@ -95,7 +96,7 @@ class MergeContext:
         self.request = request_attributes(request)
         self.key = key
         self.id_length = id_length_of(id_length)
-        self.trace_ids = bool(trace_ids)
+        self.trace_ids = trace_ids_of(trace_ids)
         self._trace = TraceIds()
         self._cache: PerContext[tuple[dict[str, Any], Context | None, TraceValues | None]] = (
             PerContext(self._entries)
