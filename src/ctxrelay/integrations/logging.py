@@ -1,11 +1,12 @@
 """Stdlib ``logging``: the request's fields on every ``LogRecord`` (the MDC).
 
 In the order-confirmation story, the trace id vanished from log lines the
-moment work changed thread.  :class:`ContextFilter` reads the one ctxrelay ``ContextVar`` per
-record and puts what it holds on the record, so ``%(request_id)s`` works in a
-format string and a JSON formatter finds the fields -- in every thread, pool,
-process and worker the context was relayed to.  Sensitive fields (``cookie``,
-``authorization``, the names of :class:`ctxrelay.Policy`) arrive masked.
+moment work changed thread.  :class:`ContextFilter` reads the one ctxrelay
+``ContextVar`` per record and puts what it holds on the record, so
+``%(request_id)s`` works in a format string and a JSON formatter finds the
+fields -- in every thread, pool, process and worker the context was relayed
+to.  Sensitive fields (``cookie``, ``authorization``, the names of
+:class:`ctxrelay.Policy`) arrive masked.
 
 Put the filter on *handlers*, not loggers: a logger's filters only see records
 logged through that very logger, not those propagating up from its children
