@@ -18,7 +18,7 @@ EXTRAS := dev,docs,demo,fastapi,flask,django,celery,rq,dramatiq,requests,httpx,a
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" "opentelemetry-propagator-b3>=1.25" "opentelemetry-propagator-jaeger>=1.25" "opentelemetry-propagator-aws-xray>=1.0"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	# arq pins redis<6, Celery needs >=6.4: arq works with the newer one.
 	$(PY) -m pip install --quiet --no-deps "arq>=0.28"
 	touch $(STAMP)
