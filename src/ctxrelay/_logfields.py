@@ -91,8 +91,14 @@ class FrozenFields(dict[str, str]):
     def _read_only(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("ctxrelay record fields are read-only: copy them with dict(...)")
 
-    __setitem__ = __delitem__ = _read_only
-    clear = pop = popitem = setdefault = update = __ior__ = _read_only
+    __setitem__: Callable[..., NoReturn] = _read_only
+    __delitem__: Callable[..., NoReturn] = _read_only
+    clear: Callable[..., NoReturn] = _read_only
+    pop: Callable[..., NoReturn] = _read_only
+    popitem: Callable[..., NoReturn] = _read_only
+    setdefault: Callable[..., NoReturn] = _read_only
+    update: Callable[..., NoReturn] = _read_only
+    __ior__: Callable[..., NoReturn] = _read_only
 
     def __copy__(self) -> FrozenFields:
         return self

@@ -251,9 +251,9 @@ class OrderService:
             self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="plain-pool")
             self.thread_class = threading.Thread
         # The same in both walks: adds the *current* context's headers.
-        self.http = install(httpx.Client(timeout=WAIT))
+        self.http: httpx.Client = install(httpx.Client(timeout=WAIT))
         #: Set by the demo once the browser has the whole response.
-        self.response_sent = threading.Event()
+        self.response_sent: threading.Event = threading.Event()
         #: The Celery result of the published confirmation, once published.
         self.published: Any = None
         #: The audit thread, once started.

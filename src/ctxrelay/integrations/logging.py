@@ -194,12 +194,12 @@ class ContextFilter(logging.Filter):
         trace_ids: bool = False,
     ) -> None:
         super().__init__()
-        self.fields = _declared(fields)
-        self.request = request_attributes(request)
+        self.fields: dict[str, str] = _declared(fields)
+        self.request: tuple[str, ...] = request_attributes(request)
         self.prefix = prefix
         self.default = default
-        self.id_length = id_length_of(id_length)
-        self.trace_ids = trace_ids_of(trace_ids)
+        self.id_length: int | None = id_length_of(id_length)
+        self.trace_ids: bool = trace_ids_of(trace_ids)
         self._trace = TraceIds()
         self._cache: PerContext[_Prepared] = PerContext(self._prepare)
         _, _, (request_id, fields, more) = self._cache.last

@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 try:
     import loguru  # noqa: F401  # only the record is needed, but say which extra is missing
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.loguru needs loguru: pip install 'ctxrelay[loguru]'"
-    ) from exc
+    ) from _exc
 
 from .._context import REQUEST_ID, Context, validate_field
 from .._deadline import remaining_ms
@@ -91,13 +91,16 @@ class ContextPatcher:
         id_length: int | None = None,
         trace_ids: bool = False,
     ) -> None:
-        self.fields = (REQUEST_ID, *(name for name in fields if name != REQUEST_ID))
+        self.fields: tuple[str, ...] = (
+            REQUEST_ID,
+            *(name for name in fields if name != REQUEST_ID),
+        )
         for name in self.fields:
             validate_field(name, "")
-        self.request = request_attributes(request)
+        self.request: tuple[str, ...] = request_attributes(request)
         self.default = default
-        self.id_length = id_length_of(id_length)
-        self.trace_ids = trace_ids_of(trace_ids)
+        self.id_length: int | None = id_length_of(id_length)
+        self.trace_ids: bool = trace_ids_of(trace_ids)
         self._trace = TraceIds()
         self._cache: PerContext[tuple[dict[str, Any], Context | None, TraceValues | None]] = (
             PerContext(self._extra)
@@ -131,4 +134,4 @@ class ContextPatcher:
 
 
 #: The patcher with default settings: every field, ``request_id`` always.
-patcher = ContextPatcher()
+patcher: ContextPatcher = ContextPatcher()

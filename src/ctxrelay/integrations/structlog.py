@@ -36,10 +36,10 @@ from typing import Any
 
 try:
     import structlog.typing
-except ImportError as exc:  # without the extra installed (make dist checks it)
+except ImportError as _exc:  # without the extra installed (make dist checks it)
     raise ImportError(
         "ctxrelay.integrations.structlog needs structlog: pip install 'ctxrelay[structlog]'"
-    ) from exc
+    ) from _exc
 
 from .._context import Context
 from .._deadline import remaining_ms
@@ -93,10 +93,10 @@ class MergeContext:
         id_length: int | None = None,
         trace_ids: bool = False,
     ) -> None:
-        self.request = request_attributes(request)
+        self.request: tuple[str, ...] = request_attributes(request)
         self.key = key
-        self.id_length = id_length_of(id_length)
-        self.trace_ids = trace_ids_of(trace_ids)
+        self.id_length: int | None = id_length_of(id_length)
+        self.trace_ids: bool = trace_ids_of(trace_ids)
         self._trace = TraceIds()
         self._cache: PerContext[tuple[dict[str, Any], Context | None, TraceValues | None]] = (
             PerContext(self._entries)
@@ -143,4 +143,4 @@ class MergeContext:
 
 
 #: The processor with default settings: every field, at the top level.
-merge_context = MergeContext()
+merge_context: MergeContext = MergeContext()
