@@ -36,6 +36,7 @@ import grpc
 import grpc.aio
 
 import ctxrelay
+from ctxrelay.integrations.grpc import relay_server
 
 SERVICE = "ctxrelay.test.Probe"
 
@@ -440,13 +441,19 @@ class Served:
 
 @contextlib.contextmanager
 def sync_server(
-    *interceptors: Any, options: tuple[tuple[str, Any], ...] = (), probe: bool = True
+    *interceptors: Any,
+    options: tuple[tuple[str, Any], ...] = (),
+    probe: bool = True,
+    relayed: dict[str, Any] | None = None,
 ) -> Iterator[Served]:
+    """A sync server; ``relayed``: wrapped by ``relay_server(server, **relayed)``."""
     record = Record()
     handler_pool = ctxrelay.ThreadPoolExecutor(4)
     server_pool = futures.ThreadPoolExecutor(16, thread_name_prefix="grpc-test-server")
     chain = [*([Probe(record)] if probe else []), *interceptors]
     server = grpc.server(server_pool, interceptors=chain, options=options)
+    if relayed is not None:
+        server = relay_server(server, **relayed)
     server.add_generic_rpc_handlers((sync_handlers(record, handler_pool),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -461,14 +468,20 @@ def sync_server(
 
 @contextlib.asynccontextmanager
 async def aio_server(
-    *interceptors: Any, options: tuple[tuple[str, Any], ...] = (), probe: bool = True
+    *interceptors: Any,
+    options: tuple[tuple[str, Any], ...] = (),
+    probe: bool = True,
+    relayed: dict[str, Any] | None = None,
 ) -> AsyncIterator[Served]:
+    """A ``grpc.aio`` server; ``relayed`` as for :func:`sync_server`."""
     record = Record()
     handler_pool = ctxrelay.ThreadPoolExecutor(4)
     executor = futures.ThreadPoolExecutor(8, thread_name_prefix="grpc-test-aio")
     made = aio_handlers(record, handler_pool)
     chain = [*([AioProbe(record)] if probe else []), *interceptors]
     server = grpc.aio.server(executor, interceptors=chain, options=options)
+    if relayed is not None:
+        server = relay_server(server, **relayed)
     server.add_generic_rpc_handlers((_generic(made["handlers"]),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

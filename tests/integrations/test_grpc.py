@@ -35,6 +35,8 @@ from ctxrelay.integrations.grpc import (
     ServerInterceptor,
     aio_client_interceptors,
     destination_of,
+    relay_channel,
+    relay_server,
 )
 
 from .grpc_service import (
@@ -928,3 +930,158 @@ def test_the_caller_context_is_untouched_after_calls() -> None:
             unary_unary(channel, "Who")(dump({}))
             assert ctxrelay.current() is bound
     assert ctxrelay.current() == {}
+
+
+# -- relay_server / relay_channel: the same, without interceptors -----------------------------
+def test_relayed_sync_server_and_channel_every_arity_and_200_concurrent_calls() -> None:
+    _trusting_policy()
+    with sync_server(relayed={}) as served:
+        with relay_channel(grpc.insecure_channel(served.target), served.target) as channel:
+            with ctxrelay.bind(request_id="req-relayed"):
+                _, call = unary_unary(channel, "Who").with_call(b"")
+                assert ("x-request-id", "req-relayed") in call.initial_metadata()
+                future = unary_unary(channel, "Who").future(b"")
+                assert load(future.result(GATE_TIMEOUT))["request_id"] == "req-relayed"
+                collected, _ = stream_unary(channel, "Collect").with_call(iter([b"a"]))
+                assert load(collected)["during"] == ["req-relayed"]
+            with concurrent.futures.ThreadPoolExecutor(32) as callers:
+                replies = list(callers.map(functools.partial(_sync_call, channel), range(200)))
+        for i, messages in enumerate(replies):
+            assert messages
+            for message in messages:
+                assert (message["request_id"], message["pool"]) == (f"req-{i}", f"req-{i}")
+                assert message["fields"]["tenant"] == f"t{i}"
+        assert_nothing_left(served, 203)
+
+
+def test_relayed_aio_server_and_channel_200_concurrent_calls_each_their_own() -> None:
+    _trusting_policy()
+
+    async def one(channel: Any, i: int) -> list[dict[str, Any]]:
+        with ctxrelay.bind(request_id=f"req-{i}", tenant=f"t{i}"):
+            kind = ("Sync" if i % 8 >= 4 else "") + ARITIES[i % 4]
+            await asyncio.sleep(0)
+            if kind.endswith("Who"):
+                return [load(await unary_unary(channel, kind)(b""))]
+            if kind.endswith("Stream"):
+                return [load(m) async for m in unary_stream(channel, kind)(b"2")]
+            if kind.endswith("Collect"):
+                return [load(await stream_unary(channel, kind)(iter([b"a", b"b"])))]
+            return [load(m) async for m in stream_stream(channel, kind)(iter([b"a", b"b"]))]
+
+    async def run() -> None:
+        async with aio_server(relayed={}) as served:
+            plain = grpc.aio.insecure_channel(served.target)
+            async with relay_channel(plain, served.target) as channel:
+                replies = await asyncio.gather(*(one(channel, i) for i in range(200)))
+                with ctxrelay.bind(request_id="req-echo"):
+                    call = unary_unary(channel, "Who")(b"")
+                    await call
+                    assert ("x-request-id", "req-echo") in list(await call.initial_metadata())
+            for i, messages in enumerate(replies):
+                assert messages
+                for message in messages:
+                    assert (message["request_id"], message["pool"]) == (f"req-{i}", f"req-{i}")
+                    assert message["fields"]["tenant"] == f"t{i}"
+            await asyncio.to_thread(assert_nothing_left, served, 201)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_relayed_registered_method_handlers_are_relayed(aio: bool) -> None:
+    # Generated code (grpcio-tools >= 1.62) registers its methods this way too.
+    def who(request: bytes, context: Any) -> bytes:
+        return dump(ctxrelay.request_id())
+
+    async def aio_who(request: bytes, context: Any) -> bytes:
+        return dump(ctxrelay.request_id())
+
+    handlers: dict[str, Any] = {
+        "Who": grpc.unary_unary_rpc_method_handler(who),
+        "AioWho": grpc.unary_unary_rpc_method_handler(aio_who),
+    }
+
+    if not aio:
+        server = relay_server(grpc.server(concurrent.futures.ThreadPoolExecutor(2)), echo=False)
+        server.add_registered_method_handlers("reg.Svc", {"Who": handlers["Who"]})
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        try:
+            target = f"127.0.0.1:{port}"
+            channel: Any = relay_channel(grpc.insecure_channel(target), target)
+            with channel, ctxrelay.bind(request_id="req-reg"):
+                reply, call = channel.unary_unary(
+                    "/reg.Svc/Who", _registered_method=True
+                ).with_call(b"")
+            assert load(reply) == "req-reg"
+            assert "x-request-id" not in dict(call.initial_metadata())  # echo=False
+        finally:
+            server.stop(None).wait(GATE_TIMEOUT)
+        return
+
+    async def run() -> list[Any]:
+        server = relay_server(grpc.aio.server(concurrent.futures.ThreadPoolExecutor(2)))
+        server.add_registered_method_handlers("reg.Svc", handlers)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            target = f"127.0.0.1:{port}"
+            channel: Any = relay_channel(grpc.aio.insecure_channel(target), target)
+            async with channel:
+                with ctxrelay.bind(request_id="req-reg"):
+                    return [
+                        load(await channel.unary_unary(f"/reg.Svc/{name}")(b""))
+                        for name in ("Who", "AioWho")
+                    ]
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(run()) == ["req-reg", "req-reg"]
+
+
+def test_a_relayed_channel_refuses_a_call_after_the_deadline_where_it_is_made() -> None:
+    with sync_server(relayed={}) as served:
+        with relay_channel(grpc.insecure_channel(served.target), served.target) as channel:
+            with ctxrelay.bind(request_id="r-late"), ctxrelay.deadline(0):
+                with pytest.raises(ctxrelay.DeadlineExceeded) as caught:
+                    unary_unary(channel, "Who")(b"", timeout=30)
+            assert isinstance(caught.value, grpc.RpcError)
+            with ctxrelay.bind(request_id="r-bounded"), ctxrelay.deadline(30):
+                reply = load(unary_unary(channel, "Who")(b""))
+        assert reply["request_id"] == "r-bounded"
+        served.record.wait_finished(1)
+
+    async def run() -> BaseException:
+        async with aio_server(relayed={}) as served:
+            plain = grpc.aio.insecure_channel(served.target)
+            async with relay_channel(plain, served.target) as channel:
+                with ctxrelay.bind(request_id="r-late"), ctxrelay.deadline(0):
+                    try:
+                        unary_unary(channel, "Who")(b"", timeout=30)
+                    except BaseException as exc:  # asserted below
+                        return exc
+        raise AssertionError("the call went out")
+
+    error = asyncio.run(run())
+    assert isinstance(error, ctxrelay.DeadlineExceeded)
+    assert isinstance(error, grpc.RpcError)
+
+
+def test_a_relayed_channel_keeps_the_callers_metadata_object_and_wins_for_it() -> None:
+    with sync_server(relayed={}) as served:
+        with relay_channel(grpc.insecure_channel(served.target), served.target) as channel:
+            mine = (("x-request-id", "explicit"),)
+            with ctxrelay.bind(request_id="req-ctx"):
+                reply = load(unary_unary(channel, "Who")(b"", metadata=mine))
+    assert reply["request_id"] == "explicit"
+    assert mine == (("x-request-id", "explicit"),)
+
+
+def test_relay_server_and_relay_channel_refuse_what_they_cannot_wrap() -> None:
+    with pytest.raises(TypeError, match=r"grpc\.Server"):
+        relay_server(object())  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"grpc\.Channel"):
+        relay_channel(object(), "127.0.0.1:1")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="target"):
+        relay_channel(grpc.insecure_channel("127.0.0.1:1"))
