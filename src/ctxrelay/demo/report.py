@@ -113,7 +113,9 @@ def problems(
 def _hop_problems(hop: Hop, request_id: str, home: Hop | None) -> list[str]:
     found = []
     if hop.request_id != request_id:
-        found.append("request id lost" if hop.request_id is None else "another request's id")
+        # A job that arrives without a context runs with a fresh id of its
+        # own (the worker's); it is still not this request's.
+        found.append("request id lost" if hop.request_id is None else "not this request's id")
     if hop.user != USER:
         found.append("user lost" if hop.user is None else f"wrong user {hop.user!r}")
     if hop.kind == CELERY and hop.cookie:
