@@ -93,7 +93,7 @@ INTEGRATIONS = {
     "loguru": ["ContextPatcher", "patcher"],
     "grpc": [
         "AioServerInterceptor", "ClientInterceptor", "ServerInterceptor", "aio_client_interceptors",
-        "destination_of",
+        "destination_of", "relay_channel", "relay_server",
     ],
     "reactivex": ["RelayScheduler", "install", "installed", "uninstall"],
     "sentry": ["CONTEXT", "MAX_TAG_KEY", "MAX_TAG_VALUE", "SentryIntegration", "stamp"],
