@@ -31,6 +31,15 @@ per repetition.  Reported: the median ns per request, and the overhead -- the
 median over repetitions of (variant - bare) from the same repetition.
 
 Run: ``python bench/bench_middleware.py`` (about ten seconds) or ``--quick``.
+
+Instruction counts, which the machine's load does not move: ``--one VARIANT
+CASE --requests N`` serves N requests through one stack, untimed, after a
+fixed warm-up; run it under ``valgrind --tool=callgrind`` for N and for 0
+and divide the difference by N (run it once first, so the ``.pyc`` files
+exist)::
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+        python bench/bench_middleware.py --one ctxrelay valid --requests 2000
 """
 
 from __future__ import annotations
@@ -176,6 +185,29 @@ async def measure(
     return rows
 
 
+#: The cases by their ``--one`` name: the inbound id and the extra header lines.
+CASES: dict[str, tuple[str | None, tuple[tuple[bytes, bytes], ...]]] = {
+    "valid": ("6f1c0f0e-0d2a-4a49-9d0b-3c2e5f4b1a77", ()),
+    "none": (None, ()),
+    "traceparent": ("6f1c0f0e-0d2a-4a49-9d0b-3c2e5f4b1a77", (TRACEPARENT,)),
+}
+
+
+def run_one(variant: str, case: str, requests: int) -> None:
+    """Serve ``requests`` requests through one stack, after a fixed warm-up,
+    untimed: for instruction counts (callgrind) of N against 0 requests."""
+    app = make_app(VARIANTS[variant])
+    inbound_id, extra = CASES[case]
+    scope = scope_for(inbound_id, *extra)
+
+    async def serve() -> None:
+        await batch_ns(app, scope, 200)  # warm-up: the same in every run
+        if requests:
+            await batch_ns(app, scope, requests)
+
+    asyncio.run(serve())
+
+
 def run(settings: Settings) -> None:
     print("## Web middleware: per-request cost over the bare Starlette app\n")
     print(
@@ -231,7 +263,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--reps", type=int, help="repetitions per variant")
+    parser.add_argument(
+        "--one",
+        nargs=2,
+        metavar=("VARIANT", "CASE"),
+        help=f"only serve requests through one stack ({', '.join(VARIANTS)}) "
+        f"for one case ({', '.join(CASES)}), untimed",
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="requests served, with --one")
     args = parser.parse_args(argv)
+    if args.one:
+        run_one(args.one[0], args.one[1], args.requests)
+        return 0
     settings = QUICK if args.quick else FULL
     if args.reps:
         settings = dataclasses.replace(settings, reps=args.reps)

@@ -39,6 +39,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from collections.abc import Set as AbstractSet
+from itertools import chain
 from time import monotonic
 from typing import Any, NamedTuple
 
@@ -62,6 +63,7 @@ from ._context import (
     validate_field,
 )
 from ._deadline import parse_remaining_ms
+from ._policy import STATE as _POLICY
 from ._policy import Policy, active
 from ._request import (
     CONTROL,
@@ -69,8 +71,10 @@ from ._request import (
     MAX_HEADERS,
     MAX_HEADERS_TOTAL_BYTES,
     RequestSnapshot,
+    asgi_snapshot_with,
     format_peer,
     latin1,
+    raw_asgi_snapshot,
     refuse_not_bytes,
     snapshot_from_asgi,
 )
@@ -94,6 +98,7 @@ __all__ = [
     "log_request",
     "new_request_id",
     "open_asgi",
+    "open_asgi_echo",
     "open_wsgi",
     "valid_request_id",
 ]
@@ -159,13 +164,29 @@ def _environ_key(name: str) -> str:
     return key if key in _ENVIRON_CONTENT else "HTTP_" + key
 
 
-class Plan(NamedTuple):
+class Plan:
     """What the door looks for under one policy, precomputed once per policy.
 
     ``extracted`` are the headers whose presence means ``extract()`` has work:
     the captured ones, ``traceparent``, ``tracestate``, and ``baggage`` when
     the policy trusts any peer.  The request-id header is the door's own.
+
+    A slotted class, not a ``NamedTuple``: the door reads its attributes on
+    every request, and a slot is read in one specialized step where a named
+    tuple's field goes through a descriptor call.
     """
+
+    __slots__ = (
+        "environ_key",
+        "extracted",
+        "extracted_environ",
+        "id_extracted",
+        "name",
+        "name_bytes",
+        "plain",
+        "policy",
+        "trusting",
+    )
 
     policy: Policy
     name: str
@@ -179,6 +200,30 @@ class Plan(NamedTuple):
     #: nor the request-id header: the door skips them with one set lookup.
     #: Short ones only, bounded in bytes (see ``PLAIN_NAME_BYTES``).
     plain: set[bytes]
+    #: Whether the policy trusts some peer: only then can a request bring a
+    #: deadline (or baggage) the door honours.
+    trusting: bool
+
+    def __init__(
+        self,
+        policy: Policy,
+        name: str,
+        name_bytes: bytes | None,
+        environ_key: str,
+        extracted: frozenset[bytes],
+        extracted_environ: frozenset[str],
+        id_extracted: bool,
+        plain: set[bytes],
+    ) -> None:
+        self.policy = policy
+        self.name = name
+        self.name_bytes = name_bytes
+        self.environ_key = environ_key
+        self.extracted = extracted
+        self.extracted_environ = extracted_environ
+        self.id_extracted = id_extracted
+        self.plain = plain
+        self.trusting = bool(policy.trusted_peers)
 
     @classmethod
     def build(cls, policy: Policy, fixed: str | None) -> Plan:
@@ -774,22 +819,40 @@ def open_asgi(
 ) -> Context:
     """The context for an ASGI ``http``/``websocket`` scope; never raises.
 
-    ``plan`` is ``door.plan()`` when the caller already has it.  ``carry``:
-    when the id was generated or replaced, write it into the scope's headers
-    and the snapshot (``update_request_header``; the scope must be mutable).
+    ``plan`` is accepted for older callers and not needed: the door checks
+    its plan against the active policy itself.  ``carry``: when the id was
+    generated or replaced, write it into the scope's headers and the
+    snapshot (``update_request_header``; the scope must be mutable).
     """
+    return open_asgi_echo(door, scope, carry)[0]
+
+
+def open_asgi_echo(
+    door: Door, scope: Mapping[str, Any], carry: bool = False
+) -> tuple[Context, tuple[bytes, bytes] | None]:
+    """:func:`open_asgi`, and the header line that echoes the id in force
+    (``None`` when the request-id header's name is not latin-1).  Never
+    raises.
+
+    The door's hot path: one frame of its own, one for the snapshot
+    (:func:`raw_asgi_snapshot`), one for the context.  A valid inbound id is
+    checked and echoed as the bytes that came; a generated one is carried
+    into the scope and the snapshot without taking the snapshot again.
+    """
+    plan = door.current_plan
+    if plan.policy is not _POLICY.policy:  # Door.plan(), inlined: runs per request
+        plan = door.plan()
+    name = plan.name_bytes
+    line: tuple[bytes, bytes] | None = None
     raw_id: str | None = None
-    source: Any = scope if carry else None
     try:
-        if plan is None:
-            plan = door.plan()
-        snapshot, raw, entries = snapshot_from_asgi(scope)
-        name = plan.name_bytes
-        if raw is None or name is None:
-            return _open_asgi_carefully(door, plan, scope, snapshot, entries, source)
+        taken = raw_asgi_snapshot(scope)
+        if taken is None or name is None:
+            return _echoed(_open_odd_asgi(door, plan, scope, carry), name)
+        snapshot, raw = taken
         # One pass over the raw pairs, names compared as bytes; a name seen
         # before costs one set lookup.  This loop is the door's hot path.
-        plain, extracted = plan.plain, plan.extracted
+        plain = plan.plain
         value: Any = None
         hits: list[tuple[Any, Any]] | None = None  # the lines extract() reads
         try:
@@ -802,20 +865,96 @@ def open_asgi(
                     if plan.id_extracted:  # the id header is captured too
                         hits = hits or []
                         hits.append((key, item))
-                elif key in extracted:
+                elif key in plan.extracted:
                     hits = hits or []
                     hits.append((key, item))
                 elif not plan.learn(key):
-                    return _open_asgi_carefully(door, plan, scope, snapshot, entries, source)
+                    return _echoed(_open_odd_asgi(door, plan, scope, carry), name)
         except (TypeError, ValueError):  # an entry that is not a pair, an unhashable name
-            return _open_asgi_carefully(door, plan, scope, snapshot, entries, source)
-        if value is not None:
-            if type(value) is not bytes:
-                return _open_asgi_carefully(door, plan, scope, snapshot, entries, source)
+            return _echoed(_open_odd_asgi(door, plan, scope, carry), name)
+        if value is None:
+            rid = new_request_id() if door.options is None else door.new_id()
+            line = (name, rid.encode())
+            if carry and door.update_request_header:
+                snapshot = _carry_line(scope, raw, line, snapshot)
+        elif type(value) is not bytes:
+            return _echoed(_open_odd_asgi(door, plan, scope, carry), name)
+        elif (
+            0 < len(value) <= 128
+            and (value.isalnum() or value.replace(b"-", b"").isalnum() or _plain_id(value))
+            and not door._custom
+        ):
+            # The default validator's rule, on the bytes that came (see
+            # _plain_id): they are ASCII, so they decode as they are and
+            # echo as they came.
+            rid = value.decode()
+            line = (name, value)
+        else:
             raw_id = value.decode("latin-1")
+            rid = door.request_id(raw_id, snapshot)
+            if carry and door.update_request_header and rid != raw_id:
+                snapshot = _carry(scope, plan, rid, snapshot)  # type: ignore[arg-type]
+            line = (name, rid.encode("latin-1"))
         if hits is None:
-            return door._bind({}, None, raw_id, snapshot, source)
-        return door._bind(*_extract_raw(plan, raw, hits, scope, snapshot), raw_id, snapshot, source)
+            return make_request_context({REQUEST_ID: rid}, snapshot), line
+        fields, deadline = _extract_raw(plan, raw, hits, scope, snapshot)
+        fields[REQUEST_ID] = rid
+        ctx = make_request_context(fields, snapshot)
+        if deadline is not None:
+            ctx = narrowed(ctx, deadline)
+        return ctx, line
+    except Exception:
+        _log.warning("ctxrelay: could not snapshot an ASGI request", exc_info=True)
+        return _echoed(door.fallback(raw_id), name)
+
+
+# What the default validator accepts, as bytes (_REQUEST_ID's alphabet).
+_ID_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
+
+
+def _plain_id(value: bytes) -> bool:
+    """Whether ``value`` (1-128 bytes) is an id the default validator accepts.
+
+    The door asks ``bytes.isalnum()`` first, inline: it is ASCII-only and a
+    single pass in C, so hex ids and UUIDs (once their dashes are gone) are
+    accepted without the regular expression (which cost as much as the
+    rest of the id's handling).  Anything else comes here, to the pattern
+    itself, so the rule stays exactly :func:`valid_request_id`'s."""
+    return _accepted(value.decode("latin-1")) is not None
+
+
+def _echoed(ctx: Context, name: bytes | None) -> tuple[Context, tuple[bytes, bytes] | None]:
+    if name is None:
+        return ctx, None
+    return ctx, (name, ctx._fields[REQUEST_ID].encode("latin-1"))
+
+
+def _carry_line(
+    scope: Any, raw: tuple[Any, ...], line: tuple[bytes, bytes], snapshot: RequestSnapshot
+) -> RequestSnapshot:
+    """``update_request_header`` when no id came: the scope's headers and the
+    snapshot gain the generated id's line (what :func:`_carry` does, without
+    taking the snapshot again)."""
+    try:
+        scope["headers"] = [*raw, line]
+    except Exception:  # a scope we cannot write: the context still carries the id
+        _log.debug("ctxrelay: could not write the request id into the request", exc_info=True)
+        return snapshot
+    return asgi_snapshot_with(snapshot, line)
+
+
+def _open_odd_asgi(door: Door, plan: Plan, scope: Mapping[str, Any], carry: bool) -> Context:
+    """The context for a scope the hot path does not read as it is: header
+    entries that are not a clean ASGI list, odd scope values."""
+    raw_id: str | None = None
+    try:
+        snapshot, _, entries = snapshot_from_asgi(scope)
+        # Read as they come -- from the snapshot's bounded copy, not the
+        # scope (an iterator there is spent, or endless).
+        if plan.name_bytes is not None:
+            raw_id = header_from_asgi(entries, plan.name_bytes)
+        source: Any = scope if carry else None
+        return door._bind(*_extracted(snapshot, _asgi_peer(scope)), raw_id, snapshot, source)
     except Exception:
         _log.warning("ctxrelay: could not snapshot an ASGI request", exc_info=True)
         return door.fallback(raw_id)
@@ -838,8 +977,10 @@ def _extract_raw(
     snapshot is read instead (:func:`_extracted`).
     """
     try:
-        total = sum([len(key) + len(item) for key, item in raw])
-    except (TypeError, ValueError):  # no length, or an entry that is no pair (now)
+        # Summed in C (a list comprehension was a frame and two calls a
+        # line).  The door's pass has unpacked every entry as a pair.
+        total = sum(map(len, chain.from_iterable(raw)))
+    except (TypeError, ValueError):  # no length (now)
         total = MAX_HEADERS_TOTAL_BYTES + 1
     if len(raw) > MAX_HEADERS or total > MAX_HEADERS_TOTAL_BYTES:
         return _extracted(snapshot, _asgi_peer(scope))
@@ -861,22 +1002,6 @@ def _extract_raw(
     except Exception:  # a bug of ours must not fail the request
         _log.exception("ctxrelay: could not extract inbound fields; continuing without them")
         return {}, None
-
-
-def _open_asgi_carefully(
-    door: Door,
-    plan: Plan,
-    scope: Mapping[str, Any],
-    snapshot: RequestSnapshot,
-    entries: tuple[Any, ...],
-    source: MutableMapping[str, Any] | None = None,
-) -> Context:
-    # Headers that are not a clean ASGI list: read them as they come -- from
-    # the snapshot's bounded copy, not the scope (an iterator there is spent,
-    # or endless).
-    raw_id = header_from_asgi(entries, plan.name.encode("latin-1"))
-    peer = _asgi_peer(scope)
-    return door._bind(*_extracted(snapshot, peer), raw_id, snapshot, source)
 
 
 def _asgi_peer(scope: Mapping[str, Any]) -> str | None:

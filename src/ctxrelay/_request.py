@@ -38,8 +38,10 @@ __all__ = [
     "MAX_HEADERS_TOTAL_BYTES",
     "Headers",
     "RequestSnapshot",
+    "asgi_snapshot_with",
     "format_peer",
     "latin1",
+    "raw_asgi_snapshot",
     "refuse_not_bytes",
     "refuse_odd_headers",
     "snapshot_from_asgi",
@@ -523,34 +525,10 @@ class RequestSnapshot:
         """The snapshot; the scope's header entries when they are a value copy
         kept raw (the door reads them too), else ``None``; and the entries as
         read (bounded: see :func:`_asgi_entries`), whatever they are."""
-        # What a server sends -- str, bytes, (host, port) tuples, tuples of
-        # bytes pairs -- is immutable: keep it raw and decode it on access.
-        # Anything else is normalized now, into copies.
-        try:
-            headers, method, scheme, path, query, client, server = _ASGI_FIELDS(scope)
-            # The header entries as a tuple: a value copy when hashable all
-            # through -- no list or bytearray the app could change later.
-            # hash() checks that in C; ASGI's tuples of bytes pairs pass.
-            # Only from a list or tuple: another iterable may be endless, and
-            # tuple() would read it forever (the careful path reads a part).
-            raw = tuple(headers) if type(headers) is list or type(headers) is tuple else None
-            hash(raw)
-        except Exception:  # a key missing, or odd values: the careful path
+        taken = raw_asgi_snapshot(scope)
+        if taken is None:
             return cls._from_odd_asgi(scope)
-        if not (
-            raw is not None
-            and type(method) is str
-            and type(scheme) is str
-            and scheme
-            and type(path) is str
-            and type(query) is bytes
-            and type(client) is tuple
-            and type(server) is tuple
-        ):
-            return cls._from_odd_asgi(scope)
-        snap = _new(cls)
-        _set_raw(snap, (method, scheme, path, query, client, server, _asgi_lines, raw))
-        return snap, raw, raw
+        return taken[0], taken[1], taken[1]
 
     @classmethod
     def _from_odd_asgi(
@@ -705,6 +683,53 @@ def _wsgi_text(value: object) -> str:
         return value.encode("latin-1").decode("utf-8")
     except UnicodeError:
         return value
+
+
+def raw_asgi_snapshot(scope: Mapping[str, Any]) -> tuple[RequestSnapshot, tuple[Any, ...]] | None:
+    """The snapshot of a scope as servers send it, and its header entries
+    (a value copy, which the door reads too); ``None`` for anything else,
+    which :func:`snapshot_from_asgi` normalizes.  The door's hot path: one
+    frame, no call but C ones."""
+    # What a server sends -- str, bytes, (host, port) tuples, tuples of
+    # bytes pairs -- is immutable: keep it raw and decode it on access.
+    # Anything else is normalized by the careful path, into copies.
+    try:
+        headers, method, scheme, path, query, client, server = _ASGI_FIELDS(scope)
+        # The header entries as a tuple: a value copy when hashable all
+        # through -- no list or bytearray the app could change later.
+        # hash() checks that in C; ASGI's tuples of bytes pairs pass.
+        # Only from a list or tuple: another iterable may be endless, and
+        # tuple() would read it forever (the careful path reads a part).
+        if type(headers) is not list and type(headers) is not tuple:
+            return None
+        raw = tuple(headers)
+        hash(raw)
+    except Exception:  # a key missing, or odd values: the careful path
+        return None
+    if (
+        type(method) is str
+        and type(scheme) is str
+        and type(path) is str
+        and type(query) is bytes
+        and type(client) is tuple
+        and type(server) is tuple
+        and scheme
+    ):
+        snap = _new(RequestSnapshot)
+        _set_raw(snap, (method, scheme, path, query, client, server, _asgi_lines, raw))
+        return snap, raw
+    return None
+
+
+def asgi_snapshot_with(snapshot: RequestSnapshot, line: tuple[bytes, bytes]) -> RequestSnapshot:
+    """A snapshot from :func:`raw_asgi_snapshot` taken again after ``line``
+    was appended to its scope's headers (the door's
+    ``update_request_header``): the same value, without reading the scope
+    again."""
+    raw = snapshot._raw
+    snap = _new(RequestSnapshot)
+    _set_raw(snap, (*raw[:7], (*raw[7], line)))
+    return snap
 
 
 def snapshot_from_asgi(

@@ -35,9 +35,9 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from time import monotonic
+from types import MethodType
 from typing import Any
 
-from .. import _policy
 from .._context import REQUEST_ID, Cancellation, Context, begin, finish, narrowed
 from .._deadline import check_timeout, deadline_of
 from .._inbound import (
@@ -47,7 +47,7 @@ from .._inbound import (
     RequestIdValidator,
     admit_asgi,
     log_request,
-    open_asgi,
+    open_asgi_echo,
     valid_request_id,
 )
 
@@ -179,19 +179,18 @@ class RelayMiddleware:
         if door.options is not None:
             await _with_options(self, scope, receive, send)
             return
-        plan = door.current_plan
-        if plan.policy is not _policy.STATE.policy:  # Door.plan(), inlined: runs per request
-            plan = door.plan()
-        ctx = open_asgi(door, scope, plan, door.update_request_header)
-        echo = None
-        if self.echo and plan.name_bytes is not None:
-            echo = (plan.name_bytes, ctx._fields[REQUEST_ID].encode("latin-1"))
-        if self.timeout is not None or deadline_of(ctx) is not None:
+        ctx, line = open_asgi_echo(door, scope, True)
+        echo = line if self.echo else None
+        if self.timeout is not None or (
+            door.current_plan.trusting and deadline_of(ctx) is not None
+        ):
             # The echo is added by the exchange's own send: one wrapper per message.
             await _bounded(self, scope, receive, send, ctx, echo=echo)
             return
         if echo is not None:
-            send = _echoing(send, echo)
+            # A bound method of (send, line): the cheapest callable that
+            # carries two values (no cells, no partial's argument dict).
+            send = MethodType(_send_with_id, (send, echo))
         token = begin(ctx)
         try:
             await self.app(scope, receive, send)
@@ -650,6 +649,37 @@ def _log_deadline(scope: Scope) -> None:
         log_text(scope.get("method", "WEBSOCKET")),
         log_text(scope.get("path", "?")),
     )
+
+
+def _send_with_id(bound: tuple[Send, tuple[bytes, bytes]], message: Message) -> Awaitable[None]:
+    """The plain path's send, bound to ``(send, header)`` (see
+    :class:`RelayMiddleware`): the header added to the response start.
+
+    Not a coroutine function: it hands back the server's own awaitable,
+    which the app awaits -- no extra coroutine per message.  The common case
+    (a list of pairs of ``bytes``) is :func:`_with_header` inlined: this
+    runs for every response."""
+    send, header = bound
+    kind = message.get("type")
+    if kind != "http.response.start" and kind != "websocket.accept":
+        return send(message)
+    headers = message.get("headers")
+    if type(headers) is not list or type(message) is not dict:
+        return send(_with_header(message, header))
+    name = header[0]
+    size = len(name)
+    try:
+        for key, _ in headers:
+            # The length first: most names differ in it.  An id the app set
+            # itself wins.
+            if len(key) == size and (type(key) is not bytes or key.lower() == name):
+                return send(_with_header(message, header))  # the app's, or odd: decided there
+    except (TypeError, ValueError):  # odd entries: _with_header reports them
+        return send(_with_header(message, header))
+    # A copy: the app may reuse its message dict.
+    copy = message.copy()
+    copy["headers"] = [*headers, header]
+    return send(copy)
 
 
 def _echoing(send: Send, header: tuple[bytes, bytes]) -> Send:
