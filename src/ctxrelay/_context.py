@@ -808,15 +808,18 @@ def begin(ctx: Context) -> Token[Context]:
     """:func:`enter` for the start of a unit of work: a request at a door, a
     task or job in a worker.  In strict mode it reports a unit that starts
     with a context already bound (something leaked from earlier work)."""
-    if _strict.STATE.on:
+    if _STRICT.on:
         _check_start(ctx)
     return _CURRENT.set(ctx)
 
 
 def finish(token: Token[Context], ctx: Context) -> None:
     """:func:`leave` at the end of a unit of work begun with :func:`begin`."""
-    leave(token)
-    if _strict.STATE.on:
+    try:
+        _CURRENT.reset(token)  # leave(), inlined: a frame less per request
+    except ValueError:
+        _report_exit("foreign-exit", "in another context than it was entered in")
+    if _STRICT.on:
         _strict.note_ended(ctx)
 
 
@@ -1257,8 +1260,15 @@ def frozen() -> Context | None:
 def make_request_context(fields: dict[str, str], request: RequestSnapshot | None) -> Context:
     """:func:`make_context` for a request at a web door: with a fresh
     request scope, which :func:`bind_request` writes to."""
-    ctx = Context._make(fields, request)
+    ctx = _new(Context)  # Context._make inlined: a frame less per request
+    ctx._fields = fields
+    ctx._request = request
+    ctx._hash = None
+    ctx._base = None
+    ctx._deadline = None
+    ctx._cancel = None
     ctx._scope = RequestScope()
+    ctx._stamp = 0
     return ctx
 
 
