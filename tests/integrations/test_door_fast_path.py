@@ -75,7 +75,8 @@ def test_without_an_inbound_id_the_snapshot_carries_the_new_id_as_a_fresh_one_wo
     scope = _scope(list(headers))
     call(RelayMiddleware(probe), scope)
     rid, snapshot = probe.seen[0]
-    assert rid is not None and snapshot is not None
+    assert rid is not None
+    assert snapshot is not None
     # The same request, arriving with the id the door made: its snapshot is
     # the one the door built by appending.
     again = Probe()
