@@ -16,7 +16,8 @@ What the suite may write to Redis (the README lists it too):
   touches nothing.  A mark left by a run that has ended is that run's
   leftover: the database is emptied and claimed again;
 * :func:`flush_redis` empties the database only if this process claimed it,
-  so it removes only what the suite created.
+  so it removes only what the suite created, and leaves the mark (a closing
+  Celery connection may still write its bindings after it).
 
 Workers are separate processes in their own process group, always torn down:
 SIGTERM, then SIGKILL after a bounded wait.
@@ -161,8 +162,13 @@ def flush_redis(db: int) -> None:
     if not _reachable(_REDIS_HOST, REDIS_PORT):
         return
     client = _client(db)
-    if client.get(OWNER_KEY) == str(os.getpid()).encode():
+    mine = str(os.getpid())
+    if client.get(OWNER_KEY) == mine.encode():
         client.flushdb()
+        # The mark stays: a Celery connection still closing may write its
+        # bindings (_kombu.binding.*) after this, and the next run must know
+        # those keys as the suite's leftovers, not as someone else's data.
+        client.set(OWNER_KEY, mine)
 
 
 def need_rabbitmq() -> str:
