@@ -31,6 +31,27 @@ def test_thread_pool_submit_has_the_body_the_twin_copies() -> None:
         assert _relay.relaying_submit is not None
 
 
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="3.14 reworked the executor")
+def test_the_work_item_run_has_the_body_the_guarded_item_copies() -> None:
+    # The guarded work item (a task with a deadline) is a copy of
+    # _WorkItem.run with the deadline check inlined; it is used only where
+    # the standard body reads exactly these names, in this order.
+    run = concurrent.futures.thread._WorkItem.run
+    assert run.__code__.co_names == _cpython._RUN_NAMES
+
+
+def test_a_task_whose_deadline_passed_is_refused_by_the_guarded_item() -> None:
+    with ctxrelay.ThreadPoolExecutor(1) as pool, ctxrelay.deadline(0.05):
+        gate = threading.Event()
+        first = pool.submit(gate.wait, 5)  # holds the only worker past the deadline
+        late = pool.submit(lambda: "ran")
+        threading.Event().wait(0.1)
+        gate.set()
+        assert first.result(timeout=5) is True
+        with pytest.raises(ctxrelay.DeadlineExceeded):
+            late.result(timeout=5)
+
+
 def test_the_twin_refuses_work_exactly_as_the_standard_submit() -> None:
     twin = _relay.new_relaying_submit()
     if twin is None:
