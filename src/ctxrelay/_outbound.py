@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ from ._codec import (
 from ._context import FIELD_NAME, REQUEST_ID, Context, current, validate_field
 from ._deadline import remaining_ms
 from ._otel import BAGGAGE_LISTS, BAGGAGE_PREFIXES, baggage_entries, trace_headers
-from ._policy import PROXY_CREDENTIALS, Origin, Policy, Route, active, peer_of_client
+from ._policy import PROXY_CREDENTIALS, STATE, Origin, Policy, Route, peer_of_client
 from ._request import RequestSnapshot
 
 __all__ = ["Sent", "inject", "inject_hop", "outgoing"]
@@ -179,20 +180,22 @@ def outgoing(
     fields = ctx._fields
     if route.request_id and REQUEST_ID in fields and REQUEST_ID not in policy.local:
         out[policy.request_id_header] = fields[REQUEST_ID]
-    for name in policy.capture:
-        if name not in fields or name in policy.local:
-            continue
-        if policy.is_sensitive(name):
-            if credentials and name in route.sensitive:
+    if policy.capture:
+        for name in policy.capture:
+            if name not in fields or name in policy.local:
+                continue
+            if policy.is_sensitive(name):
+                if credentials and name in route.sensitive:
+                    out[name] = fields[name]
+            elif "*" in route.headers or name in route.headers:
                 out[name] = fields[name]
-        elif "*" in route.headers or name in route.headers:
-            out[name] = fields[name]
     if route.deadline and ctx._deadline is not None:
         left = remaining_ms(ctx)
         if left is not None:  # the time left, re-read by the receiver's own clock
             out[policy.deadline_header] = str(left)
     if route.trace:
-        otel = trace_headers(fields.get(TRACEPARENT), fields.get(TRACESTATE), formats=formats)
+        traceparent = fields.get(TRACEPARENT)
+        otel = trace_headers(traceparent, fields.get(TRACESTATE), formats=formats)
         if otel is not None:
             for name, value in otel.items():
                 # A propagator's header never replaces one ctxrelay set, and
@@ -201,34 +204,89 @@ def outgoing(
                     name not in out and _may_send(name, route, policy, credentials)
                 ):
                     out[name] = value
-        elif TRACEPARENT in fields:
-            out[TRACEPARENT] = fields[TRACEPARENT]
-            if TRACESTATE in fields:
-                out[TRACESTATE] = fields[TRACESTATE]
+        elif traceparent is not None:
+            out[TRACEPARENT] = traceparent
+            tracestate = fields.get(TRACESTATE)
+            if tracestate is not None:
+                out[TRACESTATE] = tracestate
     if route.baggage:
-        members = _baggage_members(ctx, policy, route, credentials)
-        if members:
-            out[BAGGAGE] = ",".join(member for _, member in limit_members(members, policy))
+        baggage = _baggage(ctx, policy, route, credentials)
+        if baggage:
+            out[BAGGAGE] = baggage
     return out
 
 
-def _baggage_members(
-    ctx: Context, policy: Policy, route: Route, credentials: bool
-) -> list[tuple[str, str]]:
-    fields = ctx._fields
+# The baggage header last written per (context, route, credentials), its own
+# fields only: a request's fan-out writes the same one for every call.  A
+# context is an immutable value, and so is a policy; the context is held
+# weakly (an entry never keeps one alive, and a dead one's recycled id
+# misses), the policy and route strongly (so their identity is theirs).
+# Bounded in count and size, and started over when full: a stream of fresh
+# contexts costs a miss each, never memory.  Only a header written without
+# a warning is remembered: one that dropped a field warns on every call.
+_MEMO: dict[tuple[int, int, bool], tuple[weakref.ref[Context], Policy, Route, str]] = {}
+_MEMO_MAX = 256
+_MEMO_VALUE_MAX = 2048
+
+
+def _baggage(ctx: Context, policy: Policy, route: Route, credentials: bool) -> str:
+    """The ``baggage`` header ``route`` receives from ``ctx``; "" for none."""
+    otel = baggage_entries()
+    if otel:  # OpenTelemetry's baggage is not the context's: never remembered
+        members = _own_members(ctx._fields, policy, route, credentials)[0]
+        members += _otel_members(ctx, policy, route, credentials, otel)
+        return ",".join(member for _, member in limit_members(members, policy))
+    key = (id(ctx), id(route), credentials)
+    entry = _MEMO.get(key)
+    if entry is not None and entry[0]() is ctx and entry[1] is policy and entry[2] is route:
+        return entry[3]
+    members, clean = _own_members(ctx._fields, policy, route, credentials)
+    if not members:
+        return ""
+    kept = limit_members(members, policy)
+    header = ",".join(member for _, member in kept)
+    if clean and len(kept) == len(members) and len(header) <= _MEMO_VALUE_MAX:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[key] = (weakref.ref(ctx), policy, route, header)
+    return header
+
+
+def _own_members(
+    fields: Mapping[str, str], policy: Policy, route: Route, credentials: bool
+) -> tuple[list[tuple[str, str]], bool]:
+    """The context's own fields as baggage members, those ``route`` may
+    receive; and False when one could not be written (it warned)."""
     skip = not_baggage(policy)
+    sensitive = policy.is_sensitive
+    allowed = route.sensitive if credentials else frozenset()
     members: list[tuple[str, str]] = []
+    clean = True
     for name, value in fields.items():
-        if name in skip or not _may_send(name, route, policy, credentials):
+        if name in skip or (sensitive(name) and name.lower() not in allowed):
             continue
         try:
             members.append((name, encode_member(name, value)))
         except UnicodeEncodeError:  # a lone surrogate: not representable in UTF-8
             _log.warning("ctxrelay: field %r cannot travel in baggage: not UTF-8", name)
-    # OpenTelemetry's baggage rides along; ctxrelay's own fields win.
+            clean = False
+    return members, clean
+
+
+def _otel_members(
+    ctx: Context,
+    policy: Policy,
+    route: Route,
+    credentials: bool,
+    entries: Mapping[str, object],
+) -> list[tuple[str, str]]:
+    """OpenTelemetry's baggage ``entries`` as members: ctxrelay's own fields
+    win, and what an untrusted peer sent in stays behind."""
+    fields = ctx._fields
+    skip = not_baggage(policy)
     otel = {
         name: entry
-        for name, entry in baggage_entries().items()
+        for name, entry in entries.items()
         if isinstance(entry, str) and name not in fields and name not in skip
     }
     if otel:
@@ -236,6 +294,7 @@ def _baggage_members(
         # whichever library parsed it: ctxrelay's extract() would not have.
         for name in _sent_by_untrusted_peer(ctx, policy, otel):
             del otel[name]
+    members: list[tuple[str, str]] = []
     for name, entry in otel.items():
         if not FIELD_NAME.match(name) or not _may_send(name, route, policy, credentials):
             continue
@@ -253,7 +312,9 @@ def _present(headers: MutableMapping[str, Any]) -> set[str]:
 
 def _set_missing(headers: MutableMapping[str, Any], new: Mapping[str, str]) -> tuple[str, ...]:
     # Headers the caller set explicitly win over relayed ones.
-    present = _present(headers)
+    if not new:
+        return ()
+    present = _present(headers) if headers else set()
     added = []
     for name, value in new.items():
         if name not in present:
@@ -270,11 +331,15 @@ def _http_safe(out: dict[str, str]) -> dict[str, str]:
     only ASCII crosses all three unaltered.  Baggage is ASCII already
     (percent-encoded); a queue message (``destination=None``) takes any text.
     """
+    for value in out.values():
+        if not value.isascii():
+            break
+    else:
+        return out  # the rule: every value is ASCII
     unsafe = [name for name, value in out.items() if not value.isascii()]
-    if unsafe:
-        _log.warning("ctxrelay: headers not sent (value not ASCII): %s", unsafe)
-        for name in unsafe:
-            del out[name]
+    _log.warning("ctxrelay: headers not sent (value not ASCII): %s", unsafe)
+    for name in unsafe:
+        del out[name]
     return out
 
 
@@ -290,8 +355,8 @@ def inject(headers: MutableMapping[str, str], *, destination: str | None = None)
     as the caller set them.  Never raises: a failure is logged.
     """
     try:
-        policy = active()
-        route, _ = policy.route(destination)
+        policy = STATE.policy
+        route = policy.route(destination)[0]
         ctx = current()
         if _strict.STATE.on and not ctx:
             _strict.lost_call(_strict.handoff_site(sys._getframe(1)))
@@ -316,7 +381,7 @@ def inject_hop(headers: MutableMapping[str, Any], url: str, previous: Sent | Non
     it injects again for ``url``.  Integrations call this; it never raises.
     """
     try:
-        policy = active()
+        policy = STATE.policy
         route, origin = policy.route(url)
         credentials = True
         rebuilt: set[str] = set()
@@ -344,9 +409,11 @@ def inject_hop(headers: MutableMapping[str, Any], url: str, previous: Sent | Non
                     headers["cookie"] = cookie
                     merged["cookie"] = base
                     out["cookie"] = cookie
-        added = _set_missing(headers, out) + tuple(merged)
-        values = tuple((name, out[name]) for name in added)
-        return Sent(origin, added, values, tuple(merged.items()))
+        added = _set_missing(headers, out)
+        if merged:
+            added += tuple(merged)
+        values = tuple([(name, out[name]) for name in added])
+        return Sent(origin, added, values, tuple(merged.items()) if merged else ())
     except Exception:
         _log.exception("ctxrelay: could not set context headers on an outgoing request")
         return Sent(previous.origin if previous else None, ())

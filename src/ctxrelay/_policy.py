@@ -61,6 +61,16 @@ _MAX_VERDICTS = 4096
 #: Longest name whose verdict is remembered (4096 x 64 characters at most).
 _VERDICT_NAME_MAX = 64
 
+#: Route verdicts a policy remembers, by destination origin (scheme://authority):
+#: at most 256 of at most 256 characters each; a full memo starts over, so a
+#: hostile stream of distinct hosts costs parsing, never memory.
+_MAX_ROUTES = 256
+_ROUTE_KEY_MAX = 256
+# The scheme://authority prefix of a URL, as urlsplit reads it: a scheme
+# (its alphabet), "://", then up to the first "/", "?" or "#".  A URL whose
+# prefix holds a tab, CR or LF (urlsplit deletes those first) has no key.
+_ORIGIN_KEY = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#\t\r\n]*")
+
 
 def _lowered(names: Iterable[str]) -> frozenset[str]:
     if isinstance(names, str):  # a bare "cookie" would become {"c", "o", ...}
@@ -318,6 +328,10 @@ class Policy:
     _verdicts: dict[str, bool] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
+    # route() runs per outgoing request: remember the verdict per origin.
+    _routes: dict[str, tuple[_Route, Origin | None]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sensitive", _lowered(self.sensitive) | DEFAULT_SENSITIVE)
@@ -343,10 +357,33 @@ class Policy:
         object.__setattr__(self, "trusted_peers", tuple(check_peer_pattern(p) for p in peers))
 
     def route(self, destination: str | None) -> tuple[_Route, Origin | None]:
-        """The route for a destination URL (``None``: the in-house carrier)."""
+        """The route for a destination URL (``None``: the in-house carrier).
+
+        The verdict depends on the URL's origin alone, and a policy is a
+        value: it is remembered per ``scheme://authority`` prefix, which
+        decides the origin whatever follows it (path, query, fragment).
+        """
         if destination is None:
             return self.in_house, None
-        origin = Origin.parse(destination)
+        match = _ORIGIN_KEY.match(destination)
+        key = None
+        if match is not None:
+            key = match.group()
+            if len(key) == len(destination) or destination[len(key)] in "/?#":
+                verdict = self._routes.get(key)
+                if verdict is not None:
+                    return verdict
+            else:
+                key = None  # a tab, CR or LF inside the authority: parse every time
+        verdict = self._resolve(Origin.parse(destination))
+        if key is not None and len(key) <= _ROUTE_KEY_MAX:
+            routes = self._routes
+            if len(routes) >= _MAX_ROUTES:
+                routes.clear()
+            routes[key] = verdict
+        return verdict
+
+    def _resolve(self, origin: Origin | None) -> tuple[_Route, Origin | None]:
         if origin is None:
             return self.foreign, None
         for route in self.routes:
