@@ -16,8 +16,9 @@ What the suite may write to Redis (the README lists it too):
   touches nothing.  A mark left by a run that has ended is that run's
   leftover: the database is emptied and claimed again;
 * :func:`flush_redis` empties the database only if this process claimed it,
-  so it removes only what the suite created, and leaves the mark (a closing
-  Celery connection may still write its bindings after it).
+  so it removes only what the suite created, and leaves the mark set to
+  ``released`` (a closing Celery connection may still write its bindings
+  after it: the next claim empties them as the suite's leftovers).
 
 Workers are separate processes in their own process group, always torn down:
 SIGTERM, then SIGKILL after a bounded wait.
@@ -76,6 +77,8 @@ REDIS_DATABASES = {
 
 #: The key that marks a database as claimed by a test run; its value is the pid.
 OWNER_KEY = "ctxrelay-tests:owner"
+#: Its value once the run emptied the database: the suite's, claimed by no one.
+RELEASED = "released"
 
 _HOW = {
     "Redis": f"redis-server --daemonize yes --bind 127.0.0.1 --port {REDIS_PORT} --save ''",
@@ -162,13 +165,13 @@ def flush_redis(db: int) -> None:
     if not _reachable(_REDIS_HOST, REDIS_PORT):
         return
     client = _client(db)
-    mine = str(os.getpid())
-    if client.get(OWNER_KEY) == mine.encode():
+    if client.get(OWNER_KEY) == str(os.getpid()).encode():
         client.flushdb()
-        # The mark stays: a Celery connection still closing may write its
-        # bindings (_kombu.binding.*) after this, and the next run must know
-        # those keys as the suite's leftovers, not as someone else's data.
-        client.set(OWNER_KEY, mine)
+        # A mark stays, released (no live run's pid): a Celery connection
+        # still closing may write its bindings (_kombu.binding.*) after this,
+        # and the next claim must know those keys as the suite's leftovers,
+        # not as someone else's data -- nor as a run still using it.
+        client.set(OWNER_KEY, RELEASED)
 
 
 def need_rabbitmq() -> str:
