@@ -615,3 +615,84 @@ def test_many_writes_in_one_request_do_not_pile_up() -> None:
         return ctxrelay.get("step"), len(shared.layers), len(shared.overlay)
 
     assert _in_request(handler) == ("4999", 0, 1)
+
+
+# -- aiohttp and gRPC servers ----------------------------------------------------------------
+
+
+def test_an_aiohttp_middleware_sets_the_user_for_the_handler_and_its_pool() -> None:
+    import aiohttp
+    from aiohttp import web
+
+    from ctxrelay.integrations.aiohttp_server import setup
+
+    from .test_aiohttp_server import serve
+
+    @web.middleware
+    async def who(request: web.Request, handler: Any) -> web.StreamResponse:
+        ctxrelay.bind_request(user=request.headers["x-user"])
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def report(request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
+        with ctxrelay.ThreadPoolExecutor(1) as pool:
+            in_pool = await loop.run_in_executor(pool, ctxrelay.get, "user")
+        return web.json_response({"endpoint": ctxrelay.get("user"), "pool": in_pool})
+
+    app = web.Application()
+    setup(app)
+    app.middlewares.append(who)  # inside ctxrelay's
+    app.router.add_get("/report", report)
+    users = {new_id(): f"user-{i}" for i in range(100)}
+
+    async def main() -> dict[str, Any]:
+        async with serve(app) as base, aiohttp.ClientSession() as client:
+
+            async def one(rid: str) -> tuple[str, Any]:
+                headers = {"x-request-id": rid, "x-user": users[rid]}
+                async with client.get(base + "/report", headers=headers) as reply:
+                    return rid, await reply.json()
+
+            return dict(await asyncio.gather(*(one(rid) for rid in users)))
+
+    bodies = asyncio.run(main())
+    for rid, user in users.items():
+        assert bodies[rid] == {"endpoint": user, "pool": user}
+
+
+def test_a_grpc_handler_sets_a_field_that_its_pool_and_its_log_see() -> None:
+    import grpc
+
+    from ctxrelay.integrations.grpc import relay_channel, relay_server
+
+    pool = ctxrelay.ThreadPoolExecutor(2)
+
+    def who(request: bytes, context: Any) -> bytes:
+        ctxrelay.bind_request(user=request.decode())
+        in_pool = pool.submit(ctxrelay.get, "user").result(timeout=WAIT)
+        return f"{ctxrelay.get('user')}|{in_pool}".encode()
+
+    server = relay_server(grpc.server(concurrent.futures.ThreadPoolExecutor(8)), echo=False)
+    handler = grpc.unary_unary_rpc_method_handler(who)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("s.Svc", {"Who": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        target = f"127.0.0.1:{port}"
+        with relay_channel(grpc.insecure_channel(target), target) as channel:
+            call = channel.unary_unary("/s.Svc/Who")
+
+            def one(i: int) -> bytes:
+                with ctxrelay.bind(request_id=f"req-{i}"):
+                    reply: bytes = call(f"user-{i}".encode(), timeout=WAIT)
+                    return reply
+
+            with concurrent.futures.ThreadPoolExecutor(8) as clients:
+                replies = list(clients.map(one, range(60)))
+        assert replies == [f"user-{i}|user-{i}".encode() for i in range(60)]
+    finally:
+        server.stop(None).wait(WAIT)
+        pool.shutdown()
