@@ -674,7 +674,7 @@ def test_a_grpc_handler_sets_a_field_that_its_pool_and_its_log_see() -> None:
         return f"{ctxrelay.get('user')}|{in_pool}".encode()
 
     server = relay_server(grpc.server(concurrent.futures.ThreadPoolExecutor(8)), echo=False)
-    handler = grpc.unary_unary_rpc_method_handler(who)
+    handler: Any = grpc.unary_unary_rpc_method_handler(who)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("s.Svc", {"Who": handler}),)
     )
@@ -683,7 +683,7 @@ def test_a_grpc_handler_sets_a_field_that_its_pool_and_its_log_see() -> None:
     try:
         target = f"127.0.0.1:{port}"
         with relay_channel(grpc.insecure_channel(target), target) as channel:
-            call = channel.unary_unary("/s.Svc/Who")
+            call: Any = channel.unary_unary("/s.Svc/Who")
 
             def one(i: int) -> bytes:
                 with ctxrelay.bind(request_id=f"req-{i}"):
