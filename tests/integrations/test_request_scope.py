@@ -696,3 +696,39 @@ def test_a_grpc_handler_sets_a_field_that_its_pool_and_its_log_see() -> None:
     finally:
         server.stop(None).wait(WAIT)
         pool.shutdown()
+
+
+def test_the_doors_request_log_line_carries_the_user_the_endpoint_set() -> None:
+    async def endpoint(request: Request) -> Response:
+        ctxrelay.bind_request(user="alice")
+        return Response("ok")
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    app = asgi.RelayMiddleware(Starlette(routes=[Route("/x", endpoint)]), log_requests=True)
+    with serve_asgi(app) as base, _records("ctxrelay.asgi") as records:
+        assert httpx.get(base + "/x").status_code == 200
+        deadline = time.monotonic() + WAIT
+        while not records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [r.getMessage().endswith("user=alice") for r in records] == [True]
+
+
+@contextmanager
+def _records(name: str) -> Iterator[list[logging.LogRecord]]:
+    found: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found.append(record)
+
+    logger = logging.getLogger(name)
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
