@@ -28,7 +28,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 
-from ._context import EMPTY, MAX_VALUE_BYTES, Context, current, sanitize, use
+from ._context import EMPTY, MAX_VALUE_BYTES, Context, current, sanitize, use, with_scope
 from ._inbound import extract_exactly
 from ._outbound import inject
 from ._policy import Policy, active
@@ -223,7 +223,9 @@ def _restore(carrier: object, binding: str, signer: Signer | None, source: str) 
 
 
 def with_local(ctx: Context, fields: Mapping[str, object]) -> Context:
-    """``ctx`` plus the worker-local ``fields`` that are valid (``None``s skipped)."""
+    """``ctx`` plus the worker-local ``fields`` that are valid (``None``s
+    skipped), as the context of one job: with a request scope of its own,
+    so that the job's code can ``bind_request()`` as a request's can."""
     present = [(name, value) for name, value in fields.items() if value is not None]
     clean = sanitize(present, source="the worker's task ids")
-    return ctx.set(clean) if clean else ctx
+    return with_scope(ctx.set(clean) if clean else ctx)

@@ -60,6 +60,7 @@ __all__ = [
     "sanitize",
     "use",
     "validate_field",
+    "with_scope",
 ]
 
 _log = logging.getLogger("ctxrelay")
@@ -1212,8 +1213,9 @@ def bind_request(fields: Mapping[str, str] | None = None, /, **more: str) -> Non
     shared = raw._scope
     if shared is None:
         raise RuntimeError(
-            "ctxrelay.bind_request() works inside a request that a ctxrelay web door "
-            "(RelayMiddleware) opened; elsewhere bind fields for a block with "
+            "ctxrelay.bind_request() works inside a request that a ctxrelay door opened "
+            "(RelayMiddleware, the aiohttp and gRPC servers) and inside a job a ctxrelay "
+            "queue worker runs; elsewhere bind fields for a block with "
             "`with ctxrelay.bind(...)`"
         )
     if not more:
@@ -1270,6 +1272,20 @@ def make_request_context(fields: dict[str, str], request: RequestSnapshot | None
     ctx._scope = RequestScope()
     ctx._stamp = 0
     return ctx
+
+
+def with_scope(ctx: Context) -> Context:
+    """``ctx`` as the context of a unit of work of its own (a queue job):
+    with a fresh request scope, which :func:`bind_request` writes to, unless
+    it already has one (an eager task run inside a request)."""
+    if ctx._scope is not None:
+        return ctx
+    new = Context._make(ctx._fields, ctx._request)
+    new._base = ctx._base
+    new._deadline = ctx._deadline
+    new._cancel = ctx._cancel
+    new._scope = RequestScope()
+    return new
 
 
 def _never_entered(what: str) -> None:

@@ -112,8 +112,26 @@ def in_process_pool() -> Fields:
         return pool.submit(_in_subprocess).result(timeout=60)
 
 
+def sets_user(user: str) -> dict[str, str | None]:
+    # Code shared with a web handler: the user for the rest of the task.
+    ctxrelay.bind_request(user=user)
+    with ctxrelay.ThreadPoolExecutor(1) as pool:
+        in_pool = pool.submit(ctxrelay.get, "user").result(timeout=30)
+    return {"task": ctxrelay.get("user"), "pool": in_pool}
+
+
 def _tasks(app: Celery) -> None:
-    for fn in (fields, where, trail, gather, boom, errback_by_id, leaky, in_process_pool):
+    for fn in (
+        fields,
+        where,
+        trail,
+        gather,
+        boom,
+        errback_by_id,
+        leaky,
+        in_process_pool,
+        sets_user,
+    ):
         app.task(name=f"t.{fn.__name__}")(fn)
     app.task(name="t.retry_explicit", bind=True, max_retries=2)(retry_explicit)
     app.task(

@@ -27,6 +27,15 @@ def where() -> dict[str, object]:
     return {"fields": fields(), "pid": os.getpid()}
 
 
+def sets_user(user: str) -> dict[str, str | None]:
+    """Code shared with a web handler: sets the user for the rest of its
+    unit of work, then hands work to a pool and reads it back."""
+    ctxrelay.bind_request(user=user)
+    with ctxrelay.ThreadPoolExecutor(1) as pool:
+        in_pool = pool.submit(ctxrelay.get, "user").result(timeout=30)
+    return {"job": ctxrelay.get("user"), "pool": in_pool}
+
+
 def leaky() -> dict[str, str]:
     # Binds and never unbinds: the worker must not let it leak.
     ctxrelay.bind(user="leaked").__enter__()

@@ -633,3 +633,21 @@ def test_a_well_formed_carrier_with_captured_and_trace_entries_is_read_whole() -
         assert dict(restore(carrier, "task-1", None, source="t")) == dict(sent)
     finally:
         ctxrelay.configure(previous)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+def test_a_task_sets_a_field_for_the_rest_of_itself_and_no_other_task_sees_it(
+    pool: str, request: pytest.FixtureRequest
+) -> None:
+    worker: Worker = request.getfixturevalue(pool)
+    results: list[tuple[Any, str | None]] = []
+    for i in range(12):
+        with ctxrelay.bind(request_id=f"r-scope-{pool}-{i}"):
+            results.append((worker.task("t.sets_user").delay(f"u{i}"), f"u{i}"))
+            results.append((worker.task("t.fields").delay(), None))
+    for result, user in results:
+        got = result.get(timeout=TIMEOUT)
+        if user is not None:
+            assert got == {"task": user, "pool": user}
+        else:
+            assert "user" not in got

@@ -250,3 +250,19 @@ def test_the_workers_bind_under_the_installed_rq_whatever_perform_job_receives()
     assert [s[2:-1] for s in seen] == [(), ("execution",)]
     assert all(s[-1] == {"request_id": "r-rq-probe", "job_id": job.id} for s in seen)
     assert ctxrelay.current() == ctxrelay.Context()
+
+
+def test_a_job_sets_a_field_for_the_rest_of_itself_and_the_next_job_never_sees_it(
+    simple: RQWorker,
+) -> None:
+    jobs: list[tuple[Job, str | None]] = []
+    for i in range(20):
+        with ctxrelay.bind(request_id=f"rq-scope-{i}"):
+            jobs.append((simple.queue.enqueue(rq_jobs.sets_user, f"u{i}"), f"u{i}"))
+            jobs.append((simple.queue.enqueue(rq_jobs.fields), None))
+    for job, user in jobs:
+        result = simple.result(job)
+        if user is not None:
+            assert result == {"job": user, "pool": user}
+        else:
+            assert "user" not in result  # the job before set one; none reaches here
