@@ -732,3 +732,38 @@ def _records(name: str) -> Iterator[list[logging.LogRecord]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def test_a_reactive_action_scheduled_before_a_change_keeps_what_it_captured() -> None:
+    from reactivex.scheduler import EventLoopScheduler
+
+    from ctxrelay.integrations import reactivex as rx_relay
+
+    scheduler = EventLoopScheduler()
+    rx_relay.install()
+    try:
+
+        def handler() -> tuple[str | None, str | None]:
+            seen: dict[str, str | None] = {}
+            done = threading.Event()
+            gate = threading.Event()
+
+            def early(sched: Any, state: Any) -> None:
+                gate.wait(WAIT)
+                seen["before"] = ctxrelay.get("user")
+
+            def late(sched: Any, state: Any) -> None:
+                seen["after"] = ctxrelay.get("user")
+                done.set()
+
+            scheduler.schedule(early)
+            ctxrelay.bind_request(user="alice")
+            scheduler.schedule(late)
+            gate.set()
+            done.wait(WAIT)
+            return seen.get("before"), seen.get("after")
+
+        assert _in_request(handler) == (None, "alice")
+    finally:
+        rx_relay.uninstall()
+        scheduler.dispose()

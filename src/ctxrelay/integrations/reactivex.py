@@ -59,10 +59,14 @@ except ImportError as _exc:  # without the extra installed (make dist checks it)
         "ctxrelay.integrations.reactivex needs reactivex: pip install 'ctxrelay[reactivex]'"
     ) from _exc
 
+from .._context import capture
+
 __all__ = ["RelayScheduler", "install", "installed", "uninstall"]
 
 _log = logging.getLogger("ctxrelay")
-_copy_context: Final = contextvars.copy_context
+# A hand-off's capture: copy_context(), with a request's context frozen as
+# it reads now (work scheduled before a bind_request() keeps what it had).
+_copy_context: Final = capture
 _TState = TypeVar("_TState")
 
 
