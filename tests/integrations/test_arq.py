@@ -28,6 +28,7 @@ from ctxrelay._carrier import KEY, SIGNATURE, Signer, binding, capture
 from ctxrelay.integrations.arq import EXPIRY_GRACE, install, install_worker
 from tests.brokers import WorkerProcess, flush_redis, need_redis, wait_until
 from tests.integrations.arq_app import SECRET
+from tests.integrations.fresh_ids import fresh
 
 pytestmark = [
     pytest.mark.broker,
@@ -82,18 +83,6 @@ def run(main: Callable[[], Awaitable[Any]]) -> Any:
 async def result(job: Job | None) -> Any:
     assert job is not None
     return await job.result(timeout=WAIT, poll_delay=0.05)
-
-
-#: The request id a worker makes for a job that arrived without one
-#: (tests/integrations/test_worker_fresh_id.py tests it).
-FRESH_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def fresh(fields: dict[str, str]) -> dict[str, str]:
-    """``fields`` without the fresh request id they must hold."""
-    rest = dict(fields)
-    assert FRESH_ID.fullmatch(rest.pop("request_id", "")), fields
-    return rest
 
 
 def relayed(fields: dict[str, str]) -> dict[str, str]:
@@ -424,7 +413,6 @@ def test_install_worker_wraps_the_settings_hooks_once_and_resets_by_token() -> N
 
 
 def test_the_documented_example_runs(tmp_path: Path) -> None:
-    import re
     import subprocess
     import sys
 

@@ -11,7 +11,6 @@ another task.
 from __future__ import annotations
 
 import logging
-import re
 import subprocess
 import sys
 import uuid
@@ -28,7 +27,6 @@ import ctxrelay
 from ctxrelay._signing import (
     KEY,
     SIGNATURE,
-    WORKER_FIELDS,
     Signer,
     binding,
     capture,
@@ -37,6 +35,7 @@ from ctxrelay._signing import (
 from ctxrelay.integrations.celery import install, uninstall
 from tests.brokers import WorkerProcess, flush_redis, need_rabbitmq, need_redis, wait_until
 from tests.integrations.celery_app import SECRET, make_app
+from tests.integrations.fresh_ids import fresh, relayed
 
 pytestmark = pytest.mark.broker
 
@@ -45,28 +44,6 @@ RUN = uuid.uuid4().hex[:8]  # this run's queue names: parallel runs do not colli
 TIMEOUT = 60
 
 _apps: list[Celery] = []
-
-
-#: The request id a worker makes for a task that arrived without one
-#: (tests/integrations/test_worker_fresh_id.py tests it).
-FRESH_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def relayed(fields: dict[str, str]) -> dict[str, str]:
-    """The fields that travelled, without the worker-local task ids, nor the
-    fresh request id the worker gave a task that arrived without one."""
-    return {
-        k: v
-        for k, v in fields.items()
-        if k not in WORKER_FIELDS and not (k == "request_id" and FRESH_ID.fullmatch(v))
-    }
-
-
-def fresh(fields: dict[str, str]) -> dict[str, str]:
-    """``fields`` without the fresh request id they must hold."""
-    rest = dict(fields)
-    assert FRESH_ID.fullmatch(rest.pop("request_id", "")), fields
-    return rest
 
 
 class Worker:

@@ -6,7 +6,6 @@ Every message is signed (``dramatiq_app.SECRET``).
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,38 +16,17 @@ import pytest
 from dramatiq import Message
 
 import ctxrelay
-from ctxrelay._signing import KEY, SIGNATURE, WORKER_FIELDS, Signer, capture
+from ctxrelay._signing import KEY, SIGNATURE, Signer, capture
 from ctxrelay.integrations.dramatiq import ContextMiddleware, install, uninstall
 from tests.brokers import WorkerProcess, flush_redis, need_redis, wait_until
 from tests.integrations.dramatiq_app import SECRET, make_broker
+from tests.integrations.fresh_ids import fresh, relayed
 
 pytestmark = pytest.mark.broker
 
 DB = 13
 RUN = uuid.uuid4().hex[:8]
 TIMEOUT_MS = 60_000
-
-
-#: The request id a worker makes for a job that arrived without one
-#: (tests/integrations/test_worker_fresh_id.py tests it).
-FRESH_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def relayed(fields: dict[str, str]) -> dict[str, str]:
-    """The fields that travelled, without the worker-local ids, nor the
-    fresh request id the worker gave a job that arrived without one."""
-    return {
-        k: v
-        for k, v in fields.items()
-        if k not in WORKER_FIELDS and not (k == "request_id" and FRESH_ID.fullmatch(v))
-    }
-
-
-def fresh(fields: dict[str, str]) -> dict[str, str]:
-    """``fields`` without the fresh request id they must hold."""
-    rest = dict(fields)
-    assert FRESH_ID.fullmatch(rest.pop("request_id", "")), fields
-    return rest
 
 
 class DramatiqWorker:

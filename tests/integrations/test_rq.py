@@ -7,7 +7,6 @@ show).  Every job is signed (``rq_jobs.SignedJob``).
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import uuid
@@ -22,38 +21,17 @@ from rq import Queue, Retry
 from rq.job import Job, JobStatus
 
 import ctxrelay
-from ctxrelay._signing import KEY, SIGNATURE, WORKER_FIELDS, Signer, capture
+from ctxrelay._signing import KEY, SIGNATURE, Signer, capture
 from ctxrelay.integrations.rq import RelayWorkerMixin
 from tests.brokers import WorkerProcess, flush_redis, need_redis, redis_url, wait_until
 from tests.integrations import rq_jobs
+from tests.integrations.fresh_ids import fresh, relayed
 from tests.integrations.rq_jobs import SECRET, SignedJob
 
 pytestmark = pytest.mark.broker
 
 DB = 12
 RUN = uuid.uuid4().hex[:8]
-
-
-#: The request id a worker makes for a job that arrived without one
-#: (tests/integrations/test_worker_fresh_id.py tests it).
-FRESH_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def relayed(fields: dict[str, str]) -> dict[str, str]:
-    """The fields that travelled, without the worker-local ids, nor the
-    fresh request id the worker gave a job that arrived without one."""
-    return {
-        k: v
-        for k, v in fields.items()
-        if k not in WORKER_FIELDS and not (k == "request_id" and FRESH_ID.fullmatch(v))
-    }
-
-
-def fresh(fields: dict[str, str]) -> dict[str, str]:
-    """``fields`` without the fresh request id they must hold."""
-    rest = dict(fields)
-    assert FRESH_ID.fullmatch(rest.pop("request_id", "")), fields
-    return rest
 
 
 class RQWorker:

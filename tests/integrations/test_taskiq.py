@@ -29,6 +29,7 @@ from ctxrelay import Policy
 from ctxrelay._carrier import KEY, SIGNATURE, Signer, binding, capture
 from ctxrelay.integrations.taskiq import ContextMiddleware, carry, install, uninstall
 from tests.brokers import WorkerProcess, flush_redis, need_redis, wait_until
+from tests.integrations.fresh_ids import fresh
 
 pytestmark = pytest.mark.broker
 
@@ -117,18 +118,6 @@ async def value(task: Any) -> Any:
     if got.is_err:
         raise AssertionError(f"task failed: {got.error!r}")
     return got.return_value
-
-
-#: The request id a worker makes for a job that arrived without one
-#: (tests/integrations/test_worker_fresh_id.py tests it).
-FRESH_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def fresh(fields: dict[str, str]) -> dict[str, str]:
-    """``fields`` without the fresh request id they must hold."""
-    rest = dict(fields)
-    assert FRESH_ID.fullmatch(rest.pop("request_id", "")), fields
-    return rest
 
 
 def relayed(fields: dict[str, str]) -> dict[str, str]:
@@ -474,7 +463,6 @@ def test_install_is_idempotent_and_first_and_uninstall_removes_it() -> None:
 
 
 def test_the_documented_example_runs(workers: Workers) -> None:
-    import re
     import subprocess
     import sys
 
