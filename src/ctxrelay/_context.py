@@ -42,7 +42,6 @@ __all__ = [
     "bind_request",
     "capture",
     "current",
-    "frozen",
     "detached",
     "begin",
     "enter",
@@ -472,11 +471,9 @@ class RequestScope:
                 return hit[1]
         stamp = ctx._stamp
         newer = {name: entry[0] for name, entry in self.overlay.items() if entry[1] > stamp}
-        new = Context._make({**ctx._fields, **newer} if newer else ctx._fields, ctx._request)
+        fields = {**ctx._fields, **newer} if newer else ctx._fields
+        new = ctx._same_work(Context._make(fields, ctx._request))
         new._base = ctx._base
-        new._deadline = ctx._deadline
-        new._cancel = ctx._cancel
-        new._scope = self
         new._stamp = version
         if views is None or len(views) >= _MAX_VIEWS:
             views = self.views = {}
@@ -486,13 +483,10 @@ class RequestScope:
     def frozen(self, ctx: Context) -> Context:
         """``ctx`` as it reads now, never to see a later write: a capture."""
         now = self.view(ctx) if self.version > ctx._stamp else ctx
-        new = Context._make(now._fields, now._request)
+        new = now._same_work(Context._make(now._fields, now._request))
         # On top of what it froze: root_of() still finds the request's own
         # context (strict mode's thread watch), and keeps it alive.
         new._base = ctx
-        new._deadline = now._deadline
-        new._cancel = now._cancel
-        new._scope = self
         new._stamp = FROZEN
         return new
 
@@ -1227,11 +1221,8 @@ def bind_request(fields: Mapping[str, str] | None = None, /, **more: str) -> Non
     # scope's later writes) sees its own.  A bare set, reset by whatever
     # token bound the request here (the door's, a worker thread's copy
     # dropped); scopes exiting see through it (_Amended).
-    ctx = _Amended._make({**now._fields, **more}, now._request)
+    ctx = now._same_work(_Amended._make({**now._fields, **more}, now._request))
     ctx._base = raw
-    ctx._deadline = now._deadline
-    ctx._cancel = now._cancel
-    ctx._scope = shared
     # Up to date when no other write came between (else a read catches up).
     ctx._stamp = version if now._stamp == version - 1 else now._stamp
     _CURRENT.set(ctx)
@@ -1247,16 +1238,6 @@ def capture() -> contextvars.Context:
     if shared is not None and ctx._stamp != FROZEN:
         copy.run(_CURRENT.set, shared.frozen(ctx))
     return copy
-
-
-def frozen() -> Context | None:
-    """The current context frozen for a hand-off, or ``None`` when a plain
-    ``copy_context()`` already captures it as it is (no request scope)."""
-    ctx = _CURRENT.get()
-    shared = ctx._scope
-    if shared is None or ctx._stamp == FROZEN:
-        return None
-    return shared.frozen(ctx)
 
 
 def make_request_context(fields: dict[str, str], request: RequestSnapshot | None) -> Context:
@@ -1280,10 +1261,8 @@ def with_scope(ctx: Context) -> Context:
     it already has one (an eager task run inside a request)."""
     if ctx._scope is not None:
         return ctx
-    new = Context._make(ctx._fields, ctx._request)
+    new = ctx._same_work(Context._make(ctx._fields, ctx._request))
     new._base = ctx._base
-    new._deadline = ctx._deadline
-    new._cancel = ctx._cancel
     new._scope = RequestScope()
     return new
 
