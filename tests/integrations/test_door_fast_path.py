@@ -17,20 +17,7 @@ import ctxrelay
 from ctxrelay import RequestSnapshot
 from ctxrelay.integrations.asgi import RelayMiddleware, valid_request_id
 from tests.servers import call
-
-
-def _scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "method": "GET",
-        "scheme": "http",
-        "path": "/orders",
-        "query_string": b"",
-        "headers": headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+from tests.test_hostile_input import http_scope
 
 
 class Probe:
@@ -57,7 +44,7 @@ IDS = st.one_of(
 @given(IDS)
 def test_an_inbound_id_is_kept_exactly_when_the_rule_accepts_it(rid: str) -> None:
     probe = Probe()
-    sent = call(RelayMiddleware(probe), _scope([(b"x-request-id", rid.encode("latin-1"))]))
+    sent = call(RelayMiddleware(probe), http_scope([(b"x-request-id", rid.encode("latin-1"))]))
     bound = probe.seen[0][0]
     assert bound is not None
     if valid_request_id(rid):
@@ -72,7 +59,7 @@ def test_an_inbound_id_is_kept_exactly_when_the_rule_accepts_it(rid: str) -> Non
 def test_without_an_inbound_id_the_snapshot_carries_the_new_id_as_a_fresh_one_would() -> None:
     probe = Probe()
     headers = [(b"host", b"shop"), (b"x-tenant", b"acme"), (b"cookie", b"a=1")]
-    scope = _scope(list(headers))
+    scope = http_scope(list(headers))
     call(RelayMiddleware(probe), scope)
     rid, snapshot = probe.seen[0]
     assert rid is not None
@@ -80,7 +67,7 @@ def test_without_an_inbound_id_the_snapshot_carries_the_new_id_as_a_fresh_one_wo
     # The same request, arriving with the id the door made: its snapshot is
     # the one the door built by appending.
     again = Probe()
-    call(RelayMiddleware(again), _scope([*headers, (b"x-request-id", rid.encode())]))
+    call(RelayMiddleware(again), http_scope([*headers, (b"x-request-id", rid.encode())]))
     assert again.seen[0][1] == snapshot
     assert snapshot.headers.get("x-request-id") == rid
     assert (b"x-request-id", rid.encode()) in scope["headers"]
